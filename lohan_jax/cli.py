@@ -1,0 +1,61 @@
+"""The `lohan-jax` command line: train (more subcommands join as they land)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from lohan_jax.config import ConfigError, load_config
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lohan_jax.train import run_training
+    cfg = load_config(args.config, args.set)
+    run_training(cfg, run_dir=args.run_dir, progress=not args.no_progress)
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from lohan_jax.models import REGISTRY
+    print(f"{'name':<12} {'arch':<6} {'layers':>6} {'hidden':>7} {'heads':>5} {'params':>10}")
+    for name, s in REGISTRY.items():
+        print(f"{name:<12} {s.arch.value:<6} {s.n_layers:>6} {s.d_model:>7} {s.n_heads:>5} {s.param_count() / 1e9:>9.3f}B")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lohan-jax", description=(
+        "Fine-tune LLMs larger than GPU memory on one GPU (weights and Adam state in host memory and on NVMe)."))
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command")
+    train = sub.add_parser("train", help="train or fine-tune a model (no CONFIG: a small GPT on Python's docs, CPU)")
+    train.add_argument("config", nargs="?", help="YAML config file (see configs/); defaults apply without one")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)")
+    train.add_argument("--run-dir", help="write the run here instead of train.run_dir/<model>-<time>/")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=_train)
+    models = sub.add_parser("models", help="list the named model sizes")
+    models.set_defaults(func=_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("lohan_jax").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if args.command is None:  # the quick start: `lohan-jax train` is the main job; bare `lohan-jax` shows help
+        build_parser().print_help()
+        return 0
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"lohan-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lohan-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Run configuration: frozen dataclasses per concern, YAML files, dotted overrides, strict validation."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lohan_jax.models.registry import get_spec
+from lohan_jax.models.spec import ModelSpec
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and how to fix it."""
+
+
+class Schedule(str, enum.Enum):
+    CONSTANT = "constant"
+    COSINE = "cosine"  # linear warmup, then cosine decay to min_lr_ratio * lr at train.steps
+
+
+class EngineKind(str, enum.Enum):
+    OFFLOAD = "offload"  # block-by-block engine with host-resident state (the main path)
+    REFERENCE = "reference"  # whole-model value_and_grad + optax.adamw, everything in device memory
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with optax semantics (decoupled weight decay masked off norms and biases)."""
+
+    lr: float = 1e-3
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    schedule: Schedule = Schedule.COSINE
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # final lr of the cosine schedule, as a fraction of lr
+    clip_norm: float = 0.0  # clip_by_global_norm threshold; 0 turns clipping off
+
+    def __post_init__(self):
+        _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1/b2", (self.b1, self.b2), "must be in [0, 1)")
+        _check(self.eps > 0, "optim.eps", self.eps, "must be > 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _check(self.clip_norm >= 0, "optim.clip_norm", self.clip_norm, "must be >= 0 (0 = off)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from: builtin:pydoc, a .txt file or folder, a .bin token file, or synthetic:."""
+
+    source: str = "builtin:pydoc"
+    tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
+    token_dtype: str = ""  # for .bin token files without a sidecar .json: uint16 or uint32
+    eval_fraction: float = 0.05  # tail of the token stream held out for evaluation
+
+    def __post_init__(self):
+        _check(0 <= self.eval_fraction < 1, "data.eval_fraction", self.eval_fraction, "must be in [0, 1)")
+        _check(self.token_dtype in ("", "uint16", "uint32"), "data.token_dtype", self.token_dtype,
+               "must be uint16 or uint32")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The loop: steps, batch geometry, precision, logging."""
+
+    steps: int = 200
+    batch_size: int = 16  # sequences per optimizer step
+    micro_batches: int = 1  # gradient accumulation: batch_size is split into this many micro-batches
+    seq_len: int = 128
+    seed: int = 0
+    compute_dtype: str = "auto"  # bfloat16, float32, or auto (bfloat16 on GPU, float32 on CPU)
+    engine: EngineKind = EngineKind.OFFLOAD
+    attention: str = "auto"  # auto, xla or cudnn
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_batches: int = 4
+    run_dir: str = "runs"  # each run writes into run_dir/<model>-<timestamp>/
+
+    def __post_init__(self):
+        for key in ("steps", "batch_size", "micro_batches", "seq_len", "log_every", "eval_batches"):
+            _check(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "must be > 0")
+        _check(self.batch_size % self.micro_batches == 0, "train.micro_batches", self.micro_batches,
+               f"must divide train.batch_size={self.batch_size}")
+        _check(self.compute_dtype in ("auto", "bfloat16", "float32"), "train.compute_dtype", self.compute_dtype,
+               "must be auto, bfloat16 or float32")
+        _check(self.attention in ("auto", "xla", "cudnn"), "train.attention", self.attention,
+               "must be auto, xla or cudnn")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.micro_batches
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelSpec = dataclasses.field(default_factory=lambda: get_spec("gpt-small"))
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+
+    def __post_init__(self):
+        _check(self.train.seq_len <= self.model.max_seq_len,
+               "train.seq_len", self.train.seq_len, f"exceeds model.max_seq_len={self.model.max_seq_len}")
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} {why}")
+
+
+# ---- loading -------------------------------------------------------------------------------------------------
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Config from an optional YAML file plus `key.sub=value` overrides (values parsed as YAML scalars)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist (or is not a file)")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. optim.lr=1e-4")
+        _set_dotted(raw, key.strip().split("."), yaml.safe_load(value) if value.strip() else "")
+    return config_from_dict(raw)
+
+
+def _set_dotted(raw: dict, keys: list[str], value: Any) -> None:
+    node = raw
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override key {'.'.join(keys)!r}: {k!r} is a value, not a section")
+    node[keys[-1]] = value
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    _reject_unknown(raw, sections, "")
+    kwargs = {}
+    for name, value in raw.items():
+        if not isinstance(value, dict):
+            raise ConfigError(f"section {name!r} must be a mapping of keys, got {value!r}")
+        kwargs[name] = _model_from_dict(value) if name == "model" else _from_dict(_SECTION_TYPES[name], value, name)
+    return Config(**kwargs)
+
+
+_SECTION_TYPES = {"train": TrainConfig, "optim": OptimConfig, "data": DataConfig}
+
+
+def _model_from_dict(raw: dict[str, Any]) -> ModelSpec:
+    raw = dict(raw)
+    name = raw.pop("name", "gpt-small")
+    fields = {f.name: f for f in dataclasses.fields(ModelSpec)}
+    _reject_unknown(raw, fields, "model.")
+    hints = typing.get_type_hints(ModelSpec)
+    try:
+        return get_spec(str(name), **{k: _coerce(v, hints[k], f"model.{k}") for k, v in raw.items()})
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _from_dict(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _reject_unknown(raw, fields, prefix + ".")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(v, hints[k], f"{prefix}.{k}") for k, v in raw.items()})
+
+
+def _reject_unknown(raw: dict, known: dict, prefix: str) -> None:
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(known)}"
+            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check a YAML value against the field's annotation; ints are accepted for floats."""
+    if isinstance(typ, type) and issubclass(typ, enum.Enum):
+        try:
+            return typ(value)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r} is not one of {[e.value for e in typ]}") from None
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(typ):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}={value!r} has the wrong type; expected {typ}")
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads "1e-4" (no dot) as a string
+        except ValueError:
+            pass
+    if typ in (int, float, str, bool) and not (isinstance(value, typ) and not (typ is int and isinstance(value, bool))):
+        raise ConfigError(f"{key}={value!r} has the wrong type: expected {typ.__name__}, got {type(value).__name__}")
+    return value
+
+
+def config_to_dict(cfg: Any) -> Any:
+    """Plain nested dict (enums as values) for YAML/JSON; round-trips through config_from_dict."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, enum.Enum):
+        return cfg.value
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,151 @@
+"""The training loop: build everything a config describes, run steps, report metrics into a run directory."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lohan_jax.batches import step_batch
+from lohan_jax.config import Config, EngineKind, save_config
+from lohan_jax.data import load_tokenizer, open_dataset
+from lohan_jax.metrics import MetricsWriter, model_flops_per_token, paper_flops_per_token, peak_tflops
+from lohan_jax.models import build_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    losses: list[float]
+    eval_loss: float | None
+    tokens_per_s: float
+    params: Any = None  # final fp32 master weights (host or device arrays)
+
+
+def resolve_compute_dtype(name: str) -> Any:
+    """`auto` computes in bf16 on accelerators and fp32 on the CPU (XLA's CPU bf16 matmuls are slow)."""
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
+    return jnp.dtype(name).type
+
+
+def make_run_dir(cfg: Config) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.train.run_dir) / f"{cfg.model.name}-{stamp}"
+    suffix = 1
+    while run_dir.exists():
+        run_dir = Path(cfg.train.run_dir) / f"{cfg.model.name}-{stamp}-{suffix}"
+        suffix += 1
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def make_trainer(cfg: Config, model, params32, compute_dtype):
+    """The engine the config asks for; both expose step(batch), eval_loss(batch) and master_params()."""
+    if cfg.train.engine is EngineKind.REFERENCE:
+        from lohan_jax.reference import ReferenceTrainer
+        return ReferenceTrainer(model, params32, cfg.optim, cfg.train.steps, compute_dtype)
+    from lohan_jax.engine import OffloadEngine
+    return OffloadEngine.from_config(cfg, model, params32, compute_dtype)
+
+
+def run_training(cfg: Config, run_dir: Path | None = None, progress: bool = True) -> TrainResult:
+    t = cfg.train
+    compute_dtype = resolve_compute_dtype(t.compute_dtype)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, compute_dtype=jnp.dtype(compute_dtype).name))
+    attention = None if t.attention == "auto" else t.attention
+    model = build_model(cfg.model, compute_dtype, attention)
+    data = open_dataset(cfg.data.source, tokenizer=load_tokenizer(cfg.data.tokenizer), seq_len=t.seq_len,
+                        batch_size=t.micro_batch_size, seed=t.seed, eval_fraction=cfg.data.eval_fraction,
+                        token_dtype=cfg.data.token_dtype or None, vocab_size=cfg.model.vocab_size)
+    data.check_vocab(cfg.model.vocab_size)
+
+    run_dir = Path(run_dir) if run_dir is not None else make_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    device = jax.devices()[0]
+    (run_dir / "run.json").write_text(json.dumps(
+        {"device": device.device_kind, "backend": jax.default_backend(), "jax_version": jax.__version__,
+         "params": cfg.model.param_count()}, indent=1))
+
+    params32 = model.init(jax.random.key(t.seed), t.seq_len)
+    trainer = make_trainer(cfg, model, params32, compute_dtype)
+    del params32
+
+    tokens_per_step = t.batch_size * t.seq_len
+    s = cfg.model
+    flops_6n = model_flops_per_token(s.nonembed_param_count(), s.n_layers, s.d_model, t.seq_len, s.vocab_size)
+    flops_paper = paper_flops_per_token(s.n_layers, s.d_model, t.seq_len)
+    peak = peak_tflops(device.device_kind)
+
+    losses: list[float] = []
+    step_times: list[float] = []
+    bar = _progress(t.steps, progress)
+    with MetricsWriter(run_dir / "metrics.jsonl", stdout=False) as writer:
+        pending, t_last = None, time.perf_counter()
+        for step in range(t.steps + 1):
+            out = trainer.step(step_batch(data, step, t.micro_batches)) if step < t.steps else None
+            if pending is not None:  # read step-1's metrics only after step's work is dispatched
+                prev, metrics = pending
+                loss = float(metrics["loss"])
+                now = time.perf_counter()
+                step_s, t_last = now - t_last, now
+                losses.append(loss)
+                if prev > 0:  # step 0 includes compilation
+                    step_times.append(step_s)
+                row = {"train/loss": loss, "train/lr": float(metrics["lr"]),
+                       "train/grad_norm": float(metrics["grad_norm"]), "perf/step_s": step_s,
+                       "perf/tokens_per_s": tokens_per_step / step_s,
+                       "perf/tflops": tokens_per_step * flops_6n / step_s / 1e12,
+                       "perf/tflops_paper": tokens_per_step * flops_paper / step_s / 1e12}
+                if peak:
+                    row["perf/mfu"] = row["perf/tflops"] / peak
+                row.update({k: float(v) for k, v in metrics.items() if k.startswith(("traffic/", "time/", "mem/"))})
+                writer.write(prev, row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['perf/tokens_per_s']:.0f}",
+                                tflops=f"{row['perf/tflops']:.2f}")
+                if t.eval_every and (prev + 1) % t.eval_every == 0 and prev + 1 < t.steps:
+                    writer.write(prev, {"eval/loss": _evaluate(trainer, data, t.eval_batches)})
+            pending = (step, out) if out is not None else None
+        bar.close()
+        eval_loss = _evaluate(trainer, data, t.eval_batches)
+        median_s = float(np.median(step_times)) if step_times else float("nan")
+        summary = {"eval/loss": eval_loss, "perf/tokens_per_s": tokens_per_step / median_s,
+                   "perf/tflops": tokens_per_step * flops_6n / median_s / 1e12,
+                   "perf/tflops_paper": tokens_per_step * flops_paper / median_s / 1e12, "perf/step_s": median_s}
+        if peak:
+            summary["perf/mfu"] = summary["perf/tflops"] / peak
+        writer.write(t.steps, summary)
+    print(f"done: {t.steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, eval loss {eval_loss:.3f}, "
+          f"{summary['perf/tokens_per_s']:.0f} tokens/s, {summary['perf/tflops']:.3f} TFLOPS "
+          f"({summary['perf/tflops_paper']:.3f} by the paper's convention); run dir {run_dir}")
+    return TrainResult(run_dir, losses, eval_loss, summary["perf/tokens_per_s"], trainer.master_params())
+
+
+def _evaluate(trainer, data, n_batches: int) -> float:
+    losses = [float(trainer.eval_loss(step_batch(_Fixed(b), 0, 1))) for b in data.eval_batches(n_batches)]
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+class _Fixed:
+    """Adapts one ready batch to the BatchSource protocol."""
+
+    def __init__(self, batch):
+        self._batch = batch
+
+    def batch(self, step: int, micro: int = 0):
+        return self._batch
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, disable=not enabled, unit="step", dynamic_ncols=True)
