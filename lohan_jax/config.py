@@ -78,7 +78,7 @@ class TrainConfig:
     seq_len: int = 128
     seed: int = 0
     compute_dtype: str = "auto"  # bfloat16, float32, or auto (bfloat16 on GPU, float32 on CPU)
-    engine: EngineKind = EngineKind.OFFLOAD
+    engine: EngineKind = EngineKind.OFFLOAD  # the main path; reference = all-in-HBM optax baseline
     attention: str = "auto"  # auto, xla or cudnn
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
@@ -101,11 +101,39 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class OffloadConfig:
+    """The offloaded engine's plan: a plan JSON file, or a uniform plan built from the fields below."""
+
+    plan_file: str = ""  # a plan saved as JSON (Plan.save); overrides the uniform fields
+    weights: str = "host"  # bf16 weights of the blocks: host (streamed each use) or hbm (resident)
+    optim_state: str = "host"  # fp32 master + Adam moments of the blocks: host (CPU AdamW) or hbm (GPU AdamW)
+    activations: str = "recompute"  # keep | recompute | save:name1,name2 ; optionally +swap, +swap_input
+    edges_on_gpu: bool = True  # embedding and head resident in HBM and updated there
+    prefetch_depth: int = 2  # weight and activation uploads issued this many blocks ahead
+    keep_turn_blocks: int = 1  # last blocks kept on the GPU from forward to backward
+    host_threads: int = 0  # host AdamW threads; 0 = all cores but one (the dispatching thread keeps one)
+    timeline_step: int = -1  # record this step's timeline (trace JSON + PNG in the run dir); -1 = none
+
+    def __post_init__(self):
+        _check(self.weights in ("host", "hbm"), "offload.weights", self.weights, "must be host or hbm")
+        _check(self.optim_state in ("host", "hbm"), "offload.optim_state", self.optim_state, "must be host or hbm")
+        _check(self.prefetch_depth >= 1, "offload.prefetch_depth", self.prefetch_depth, "must be >= 1")
+        _check(self.keep_turn_blocks >= 0, "offload.keep_turn_blocks", self.keep_turn_blocks, "must be >= 0")
+        _check(self.host_threads >= 0, "offload.host_threads", self.host_threads, "must be >= 0")
+        try:
+            from lohan_jax.plan import ActivationPolicy
+            ActivationPolicy.parse(self.activations)
+        except ValueError as e:
+            raise ConfigError(f"offload.activations: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelSpec = dataclasses.field(default_factory=lambda: get_spec("gpt-small"))
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    offload: OffloadConfig = dataclasses.field(default_factory=OffloadConfig)
 
     def __post_init__(self):
         _check(self.train.seq_len <= self.model.max_seq_len,
@@ -159,7 +187,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     return Config(**kwargs)
 
 
-_SECTION_TYPES = {"train": TrainConfig, "optim": OptimConfig, "data": DataConfig}
+_SECTION_TYPES = {"train": TrainConfig, "optim": OptimConfig, "data": DataConfig, "offload": OffloadConfig}
 
 
 def _model_from_dict(raw: dict[str, Any]) -> ModelSpec:

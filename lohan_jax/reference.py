@@ -44,14 +44,15 @@ class ReferenceTrainer:
         self.model, self.compute_dtype = model, compute_dtype
         self.optimizer = make_optax_adamw(optim, total_steps, decay_mask(params32))
         self.schedule = make_schedule(optim, total_steps)
-        self.params = params32
+        self.params = jax.tree.map(jnp.copy, params32)  # the step donates its buffers; the caller keeps theirs
         self.opt_state = self.optimizer.init(params32)
         loss_and_grad = make_reference_loss_and_grad(model, compute_dtype)
 
         def train_step(params, opt_state, batch):
             loss, grads = loss_and_grad(params, batch)
-            updates, opt_state = self.optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+            with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int32 counts
+                updates, opt_state = self.optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
         self._train_step = jax.jit(train_step, donate_argnums=(0, 1))
         self._eval_loss = jax.jit(lambda p, b: loss_and_grad_free(model, compute_dtype, p, b))

@@ -54,7 +54,8 @@ def make_trainer(cfg: Config, model, params32, compute_dtype):
         from lohan_jax.reference import ReferenceTrainer
         return ReferenceTrainer(model, params32, cfg.optim, cfg.train.steps, compute_dtype)
     from lohan_jax.engine import OffloadEngine
-    return OffloadEngine.from_config(cfg, model, params32, compute_dtype)
+    from lohan_jax.timeline import Timeline
+    return OffloadEngine.from_config(cfg, model, params32, compute_dtype, timeline=Timeline(enabled=False))
 
 
 def run_training(cfg: Config, run_dir: Path | None = None, progress: bool = True) -> TrainResult:
@@ -92,7 +93,13 @@ def run_training(cfg: Config, run_dir: Path | None = None, progress: bool = True
     with MetricsWriter(run_dir / "metrics.jsonl", stdout=False) as writer:
         pending, t_last = None, time.perf_counter()
         for step in range(t.steps + 1):
+            traced = step == cfg.offload.timeline_step and hasattr(trainer, "timeline")
+            if traced:
+                trainer.timeline.clear()
+                trainer.timeline.enabled = True
             out = trainer.step(step_batch(data, step, t.micro_batches)) if step < t.steps else None
+            if traced:
+                _write_timeline(trainer, out, run_dir, step)
             if pending is not None:  # read step-1's metrics only after step's work is dispatched
                 prev, metrics = pending
                 loss = float(metrics["loss"])
@@ -128,7 +135,21 @@ def run_training(cfg: Config, run_dir: Path | None = None, progress: bool = True
     print(f"done: {t.steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, eval loss {eval_loss:.3f}, "
           f"{summary['perf/tokens_per_s']:.0f} tokens/s, {summary['perf/tflops']:.3f} TFLOPS "
           f"({summary['perf/tflops_paper']:.3f} by the paper's convention); run dir {run_dir}")
-    return TrainResult(run_dir, losses, eval_loss, summary["perf/tokens_per_s"], trainer.master_params())
+    params = trainer.master_params()
+    if hasattr(trainer, "close"):
+        trainer.close()
+    return TrainResult(run_dir, losses, eval_loss, summary["perf/tokens_per_s"], params)
+
+
+def _write_timeline(trainer, metrics, run_dir: Path, step: int) -> None:
+    """Finish the traced step, then write its Perfetto trace, PNG and per-lane summary."""
+    float(metrics["loss"])
+    trainer.worker.drain()
+    trainer.watcher.flush()
+    trainer.timeline.enabled = False
+    trainer.timeline.to_chrome_trace(run_dir / f"timeline-step{step}.json")
+    trainer.timeline.plot(run_dir / f"timeline-step{step}.png", title=f"step {step}")
+    (run_dir / f"timeline-step{step}-summary.json").write_text(json.dumps(trainer.timeline.summary(), indent=1))
 
 
 def _evaluate(trainer, data, n_batches: int) -> float:

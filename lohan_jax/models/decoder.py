@@ -43,13 +43,29 @@ class DecoderModel:
     # ---- parameters --------------------------------------------------------------------------------------
     def init(self, rng: jax.Array, seq_len: int = 8) -> Params:
         """fp32 parameters; block i is initialised from fold_in(rng, i) so block trees are independent."""
+        units = [self.init_unit(rng, k, seq_len) for k in range(self.n_layers + 2)]
+        return {"embed": units[0], "blocks": units[1:-1], "head": units[-1]}
+
+    def init_unit(self, rng: jax.Array, k: int, seq_len: int = 8) -> Any:
+        """Parameters of unit k in forward order (0 embedding, 1..L blocks, L+1 head), one at a time, so a
+        model larger than any one memory can be initialised straight into its tiers."""
+        with jax.numpy_dtype_promotion("standard"):  # fp32 params meet bf16 activations only at init
+            return self._init_unit(rng, k, seq_len)
+
+    def _init_unit(self, rng: jax.Array, k: int, seq_len: int) -> Any:
         tokens = jnp.zeros((1, seq_len), jnp.int32)
         k_embed, k_head, k_blocks = jax.random.split(rng, 3)
-        p_embed = self.embed_module.init(k_embed, tokens)["params"]
-        x = self.embed_module.apply({"params": p_embed}, tokens)
-        blocks = [self.block_module.init(jax.random.fold_in(k_blocks, i), x)["params"] for i in range(self.n_layers)]
-        p_head = self.head_module.init(k_head, x, self._tied(p_embed))["params"]
-        return {"embed": p_embed, "blocks": blocks, "head": p_head}
+        if k == 0:
+            return self.embed_module.init(k_embed, tokens)["params"]
+        p_embed = jax.eval_shape(lambda: self.embed_module.init(k_embed, tokens)["params"])
+        x = jax.eval_shape(self.embed_module.apply, {"params": p_embed}, tokens)
+        x = jnp.zeros(x.shape, x.dtype)
+        if k <= self.n_layers:
+            return self.block_module.init(jax.random.fold_in(k_blocks, k - 1), x)["params"]
+        tied = None
+        if self.tied_weight is not None:
+            tied = jnp.zeros(jax.eval_shape(self.tied_weight, p_embed).shape, jnp.float32)
+        return self.head_module.init(k_head, x, tied)["params"]
 
     def abstract_params(self, seq_len: int = 8) -> Params:
         """Shapes and dtypes of the parameters, without allocating them."""

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from lohan_jax.models.attention import causal_attention
+from lohan_jax.models.norms import LayerNorm
 from lohan_jax.models.spec import Activation, ModelSpec
 
 _ACT = {Activation.GELU: lambda x: jax.nn.gelu(x, approximate=False),
@@ -48,13 +49,13 @@ class GPTBlock(nn.Module):
         s = self.spec
         B, S, D = x_BSD.shape
         out_std = s.init_std / (2 * s.n_layers) ** 0.5  # GPT-2's scaled init of residual projections
-        h = nn.LayerNorm(s.norm_eps, dtype=self.dtype, name="ln_1")(x_BSD)
+        h = LayerNorm(s.norm_eps, dtype=self.dtype, name="ln_1")(x_BSD)
         qkv = checkpoint_name(_dense(3 * D, s.init_std, self.dtype, "qkv")(h), "qkv")
         q, k, v = jnp.split(qkv.reshape(B, S, 3, s.n_heads, s.head_dim), 3, axis=2)
         ctx = causal_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.attention_impl)
         ctx = checkpoint_name(ctx.reshape(B, S, D), "attn_ctx")
         x_BSD = checkpoint_name(x_BSD + _dense(D, out_std, self.dtype, "out")(ctx), "attn_res")
-        h = nn.LayerNorm(s.norm_eps, dtype=self.dtype, name="ln_2")(x_BSD)
+        h = LayerNorm(s.norm_eps, dtype=self.dtype, name="ln_2")(x_BSD)
         up = checkpoint_name(_dense(s.ff_dim, s.init_std, self.dtype, "fc")(h), "mlp_up")
         act = checkpoint_name(_ACT[s.activation](up), "mlp_act")
         return x_BSD + _dense(D, out_std, self.dtype, "proj")(act)
@@ -68,7 +69,7 @@ class GPTHead(nn.Module):
 
     @nn.compact
     def __call__(self, x_BSD: jax.Array, wte_VD: jax.Array | None) -> jax.Array:
-        h = nn.LayerNorm(self.spec.norm_eps, dtype=self.dtype, name="ln_f")(x_BSD)
+        h = LayerNorm(self.spec.norm_eps, dtype=self.dtype, name="ln_f")(x_BSD)
         if self.spec.tie_embeddings:
             return jnp.einsum("bsd,vd->bsv", h, wte_VD.astype(self.dtype), preferred_element_type=jnp.float32)
         w = self.param("lm_head", nn.initializers.normal(self.spec.init_std), (self.spec.d_model, self.spec.vocab_size))

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from lohan_jax.models.attention import causal_attention
+from lohan_jax.models.norms import RMSNorm
 from lohan_jax.models.spec import ModelSpec
 
 
@@ -48,7 +49,7 @@ class LlamaBlock(nn.Module):
         s = self.spec
         B, S, D = x_BSD.shape
         out_std = s.init_std / (2 * s.n_layers) ** 0.5
-        h = nn.RMSNorm(s.norm_eps, dtype=self.dtype, name="attn_norm")(x_BSD)
+        h = RMSNorm(s.norm_eps, dtype=self.dtype, name="attn_norm")(x_BSD)
         q = _dense(s.n_heads * s.head_dim, s.init_std, self.dtype, "q")(h).reshape(B, S, s.n_heads, s.head_dim)
         k = _dense(s.kv_heads * s.head_dim, s.init_std, self.dtype, "k")(h).reshape(B, S, s.kv_heads, s.head_dim)
         v = _dense(s.kv_heads * s.head_dim, s.init_std, self.dtype, "v")(h).reshape(B, S, s.kv_heads, s.head_dim)
@@ -57,7 +58,7 @@ class LlamaBlock(nn.Module):
         v = checkpoint_name(v, "v")
         ctx = checkpoint_name(causal_attention(q, k, v, self.attention_impl).reshape(B, S, D), "attn_ctx")
         x_BSD = checkpoint_name(x_BSD + _dense(D, out_std, self.dtype, "o")(ctx), "attn_res")
-        h = nn.RMSNorm(s.norm_eps, dtype=self.dtype, name="mlp_norm")(x_BSD)
+        h = RMSNorm(s.norm_eps, dtype=self.dtype, name="mlp_norm")(x_BSD)
         gate = checkpoint_name(_dense(s.ff_dim, s.init_std, self.dtype, "gate")(h), "mlp_gate")
         up = checkpoint_name(_dense(s.ff_dim, s.init_std, self.dtype, "up")(h), "mlp_up")
         act = checkpoint_name(jax.nn.silu(gate) * up, "mlp_act")
@@ -70,7 +71,7 @@ class LlamaHead(nn.Module):
 
     @nn.compact
     def __call__(self, x_BSD: jax.Array, wte_VD: jax.Array | None) -> jax.Array:
-        h = nn.RMSNorm(self.spec.norm_eps, dtype=self.dtype, name="norm")(x_BSD)
+        h = RMSNorm(self.spec.norm_eps, dtype=self.dtype, name="norm")(x_BSD)
         if self.spec.tie_embeddings:
             return jnp.einsum("bsd,vd->bsv", h, wte_VD.astype(self.dtype), preferred_element_type=jnp.float32)
         w = self.param("lm_head", nn.initializers.normal(self.spec.init_std), (self.spec.d_model, self.spec.vocab_size))

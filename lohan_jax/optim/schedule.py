@@ -3,13 +3,27 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import optax
 
 from lohan_jax.config import OptimConfig, Schedule
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-    """lr as a function of the 0-based optimizer step (optax evaluates it at its state count)."""
+    """lr as a function of the 0-based optimizer step (optax evaluates it at its state count).
+
+    Evaluated under standard dtype promotion: optax's schedules mix Python floats with int32 counts, which
+    strict promotion (our tests' setting) rejects."""
+    schedule = _make_schedule(cfg, total_steps)
+
+    def lr_at(count):
+        with jax.numpy_dtype_promotion("standard"):
+            return schedule(count)
+
+    return lr_at
+
+
+def _make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     if cfg.schedule is Schedule.CONSTANT:
         if cfg.warmup_steps:
             return optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)

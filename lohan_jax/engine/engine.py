@@ -1,0 +1,351 @@
+"""OffloadEngine: executes a plan. One step = per micro-batch a streamed forward and backward, block by
+block, with each gradient leaving for the host (or updated on the GPU) the moment its backward ends.
+
+The loop reads like the schedule in DESIGN.md: prefetch weights `prefetch_depth` blocks ahead, swap or
+keep residuals as planned, hand gradients to the host worker, and never read a block's weights before its
+previous update finished.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lohan_jax.engine.host_updates import HostWorker
+from lohan_jax.engine.programs import BlockProgram, EdgePrograms, make_accumulate, make_gpu_adamw
+from lohan_jax.engine.units import UnitState
+from lohan_jax.engine.watcher import CompletionWatcher
+from lohan_jax.models import DecoderModel, Params
+from lohan_jax.optim import host_adamw
+from lohan_jax.plan import Plan
+from lohan_jax.tiers import MemorySpaces
+from lohan_jax.timeline import Timeline
+
+log = logging.getLogger(__name__)
+
+
+class OffloadEngine:
+    """Holds the model's state across tiers as the plan says and runs optimizer steps.
+
+    Public API (also for user training loops): `step(batch) -> metrics`, `eval_loss(batch)`,
+    `master_params()`, `close()`. A batch is `lohan_jax.batches.step_batch`'s dict of [M, b, S] arrays.
+    """
+
+    def __init__(self, model: DecoderModel, params32: Params | Callable[[int], Any], plan: Plan, *, optim, total_steps: int,
+                 micro_batch_shape: tuple[int, int], n_micro: int = 1, compute_dtype: Any = jnp.bfloat16,
+                 timeline: Timeline | None = None, device: jax.Device | None = None):
+        from lohan_jax.optim.schedule import make_schedule
+
+        if len(plan.blocks) != model.n_layers:
+            raise ValueError(f"the plan has {len(plan.blocks)} blocks but the model has {model.n_layers}")
+        self.model, self.plan, self.optim, self.n_micro = model, plan, optim, n_micro
+        self.compute_dtype = compute_dtype
+        self.schedule = make_schedule(optim, total_steps)
+        self.spaces = MemorySpaces(device)
+        self.timeline = timeline or Timeline(enabled=False)
+        self.watcher = CompletionWatcher(self.timeline)
+        self.worker = HostWorker(self.timeline)
+        self.traffic: collections.Counter = collections.Counter()
+        self._step = 0
+        accumulate = n_micro > 1
+        L = model.n_layers
+        names = ["embed", *(f"block{i}" for i in range(L)), "head"]
+        if callable(params32):  # unit_params(k) -> tree: never more than one unit's fp32 copy in flight
+            unit_params = params32
+        else:
+            trees = [params32["embed"], *params32["blocks"], params32["head"]]
+            unit_params = trees.__getitem__
+        self.units = [UnitState.create(k, n, p, jax.tree.map(np.asarray, unit_params(k)), self.spaces,
+                                       compute_dtype, accumulate)
+                      for k, (n, p) in enumerate(zip(names, plan.units))]
+        self.embed_u, self.block_us, self.head_u = self.units[0], self.units[1:-1], self.units[-1]
+
+        b, s = micro_batch_shape
+        d = model.spec.d_model if model.spec is not None else _hidden_size(model, self.embed_u, b, s)
+        x_aval = jax.ShapeDtypeStruct((b, s, d), compute_dtype)
+        programs: dict[Any, BlockProgram] = {}
+        self.block_programs = []
+        for u in self.block_us:
+            key = (u.layout, u.plan.activations.save)
+            if key not in programs:
+                w_aval = jax.ShapeDtypeStruct((u.layout.size,), compute_dtype)
+                programs[key] = BlockProgram(model, u.layout, u.plan.activations, w_aval, x_aval)
+            self.block_programs.append(programs[key])
+        self.edges = EdgePrograms(model, self.embed_u.layout, self.head_u.layout)
+        self._no_tied = jnp.zeros((1,), compute_dtype)
+        self._gpu_adamw = {u.layout: make_gpu_adamw(u.layout, optim.b1, optim.b2, optim.eps, optim.weight_decay,
+                                                    compute_dtype)
+                           for u in self.units if not u.host_updated}
+        self._accumulate = make_accumulate()
+        self._sq = jax.jit(lambda a: jnp.sum(jnp.square(a.astype(jnp.float32))))
+        self.ckpt_nbytes = b * s * d * jnp.dtype(compute_dtype).itemsize
+
+    @classmethod
+    def from_config(cls, cfg, model: DecoderModel, params32: Params, compute_dtype: Any,
+                    timeline: Timeline | None = None) -> OffloadEngine:
+        """The engine for a run config: its plan file, or a uniform plan from `offload.*`."""
+        from lohan_jax.plan import uniform_plan
+
+        o, t = cfg.offload, cfg.train
+        plan = Plan.load(o.plan_file) if o.plan_file else uniform_plan(
+            model.n_layers, weights=o.weights, optim_state=o.optim_state, activations=o.activations,
+            edges_on_gpu=o.edges_on_gpu, prefetch_depth=o.prefetch_depth, keep_turn_blocks=o.keep_turn_blocks)
+        if o.host_threads:
+            host_adamw.set_num_threads(o.host_threads)
+        return cls(model, params32, plan, optim=cfg.optim, total_steps=t.steps,
+                   micro_batch_shape=(t.micro_batch_size, t.seq_len), n_micro=t.micro_batches,
+                   compute_dtype=compute_dtype, timeline=timeline)
+
+    # ---- weights -----------------------------------------------------------------------------------------
+    def _wait_update(self, u: UnitState) -> None:
+        if u.ready is not None:
+            u.ready.wait()
+            u.ready = None
+            self.worker.check()
+
+    def _weights(self, u: UnitState) -> jax.Array:
+        """The unit's compute weights on the GPU, after its last update."""
+        self._wait_update(u)
+        if u.streamed:
+            w = self.spaces.to_hbm(u.host_w.array)
+            self._count("h2d", "weights", u.host_w.nbytes, w, u.name)
+            return w
+        if u.stale:  # a host update wrote new weights into the staging buffer: upload once
+            u.dev_w = self.spaces.to_hbm(u.host_w.array)
+            self._count("h2d", "weights", u.host_w.nbytes, u.dev_w, u.name)
+            u.stale = False
+        return u.dev_w
+
+    def _count(self, direction: str, what: str, nbytes: int, array: Any, name: str) -> None:
+        self.traffic[f"{direction}_bytes"] += nbytes
+        self.traffic[f"{direction}_{what}_bytes"] += nbytes
+        self.watcher.watch(direction, f"{direction}_{what}:{name}", array, bytes=nbytes)
+
+    # ---- the step ----------------------------------------------------------------------------------------
+    def step(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """One synchronous optimizer step over the batch's micro-batches. Returns device/lazy scalars."""
+        self.worker.check()
+        self.traffic.clear()
+        clip = self.optim.clip_norm > 0
+        lr = float(self.schedule(self._step))
+        count = self._step + 1
+        losses, sq_parts = [], []
+        for m in range(self.n_micro):
+            mb = {k: self.spaces.to_hbm(np.asarray(v[m])) for k, v in batch.items()}
+            losses.append(self._forward_backward(mb, m, lr, count, clip, sq_parts))
+        if clip or self.n_micro > 1:
+            self._finish_deferred(lr, count, clip, sq_parts)
+        self._step += 1
+        loss = functools.reduce(jnp.add, losses)
+        return {"loss": loss, "grad_norm": _LazyNorm(self, sq_parts), "lr": lr,
+                **{f"traffic/{k[:-6]}_gb": v / 1e9 for k, v in self.traffic.items()}}
+
+    def _forward_backward(self, mb, m: int, lr: float, count: int, clip: bool, sq_parts: list) -> jax.Array:
+        plan, L, depth = self.plan, len(self.block_us), self.plan.prefetch_depth
+        tokens = mb["tokens"]
+        w_embed = self._weights(self.embed_u)
+        x = self.edges.embed_fwd(w_embed, tokens)
+        if self.embed_u.streamed:
+            del w_embed  # fetched again for the tied head and the embedding backward
+        fetched: dict[int, jax.Array] = {}
+        turn: dict[int, jax.Array] = {}
+        ckpt: list[Any] = [None] * L
+        res: list[Any] = [None] * L
+        for i in range(L):  # ---- forward
+            for j in range(i, min(L, i + depth + 1)):
+                if j not in fetched:
+                    fetched[j] = self._weights(self.block_us[j])
+            w = fetched.pop(i)
+            if i >= L - plan.keep_turn_blocks:
+                turn[i] = w
+            prog, act = self.block_programs[i], self.block_us[i].plan.activations
+            y, r = prog.fwd(w, x)
+            self.watcher.watch("gpu", f"fwd:{i}", y)
+            ckpt[i] = self._swap_out(x, "ckpt", i) if act.swap_input else x
+            res[i] = [self._swap_out(a, "residual", i) for a in r] if act.swap and r else r
+            x = y
+            del w, y, r
+        w_head = self._weights(self.head_u)
+        w_tied = self._weights(self.embed_u) if self.edges.tied else self._no_tied
+        loss, dx, g_head, g_tied, sq_head = self.edges.head_fwd_bwd(w_head, w_tied, x, mb["targets"], mb["weights"])
+        self.watcher.watch("gpu", "head", sq_head)
+        del x, w_head, w_tied
+        self._on_grad(self.head_u, g_head, sq_head, m, lr, count, clip, sq_parts)
+        back: dict[int, tuple] = {}
+        for i in reversed(range(L)):  # ---- backward
+            for j in range(i, max(-1, i - depth - 1), -1):
+                if j not in back:
+                    u, act = self.block_us[j], self.block_us[j].plan.activations
+                    w = turn.pop(j) if j in turn else self._weights(u)
+                    x_j = self._swap_in(ckpt[j], "ckpt", j) if act.swap_input else ckpt[j]
+                    r_j = [self._swap_in(a, "residual", j) for a in res[j]] if act.swap and res[j] else res[j]
+                    ckpt[j] = res[j] = None
+                    back[j] = (w, x_j, r_j)
+            w, x_i, r_i = back.pop(i)
+            dx, g, sq = self.block_programs[i].bwd(w, x_i, r_i, dx)
+            self.watcher.watch("gpu", f"bwd:{i}", sq)
+            del w, x_i, r_i
+            self._on_grad(self.block_us[i], g, sq, m, lr, count, clip, sq_parts)
+        w_embed = self._weights(self.embed_u)
+        if self.edges.tied:
+            g_embed, sq_embed = self.edges.embed_bwd(w_embed, tokens, dx, g_tied)
+        else:
+            g_embed, sq_embed = self.edges.embed_bwd(w_embed, tokens, dx)
+        self.watcher.watch("gpu", "embed_bwd", sq_embed)
+        self._on_grad(self.embed_u, g_embed, sq_embed, m, lr, count, clip, sq_parts)
+        return loss
+
+    def _swap_out(self, a: jax.Array, what: str, i: int) -> jax.Array:
+        h = self.spaces.to_host(a)
+        self._count("d2h", what, a.nbytes, h, f"block{i}")
+        return h
+
+    def _swap_in(self, a: jax.Array, what: str, i: int) -> jax.Array:
+        d = self.spaces.to_hbm(a)
+        self._count("h2d", what, a.nbytes, d, f"block{i}")
+        return d
+
+    # ---- gradients and updates ---------------------------------------------------------------------------
+    def _on_grad(self, u: UnitState, g: jax.Array, sq: jax.Array, m: int, lr: float, count: int, clip: bool,
+                 sq_parts: list) -> None:
+        """Active gradient offloading: the gradient leaves for its update as soon as its backward ends."""
+        single, last = self.n_micro == 1, m == self.n_micro - 1
+        if single:
+            sq_parts.append(sq)
+        if not u.host_updated:
+            if single and not clip:
+                self._gpu_update(u, g, lr, count, 1.0)
+            elif single:
+                u.held_grad = g
+            else:
+                u.dev_acc = self._accumulate(jnp.zeros(g.shape, jnp.float32) if m == 0 else u.dev_acc, g)
+            return
+        g_host = self.spaces.to_host(g)
+        self._count("d2h", "grad", g.nbytes, g_host, u.name)
+        if single and clip:
+            u.held_grad = g_host
+        elif single:
+            self._submit_update(u, g_host, lr, count, 1.0)
+        else:
+            fused_update = last and not clip
+            done = self.worker.submit(u.index, f"accumulate:{u.name}", g_host, functools.partial(
+                self._host_accumulate, u, m == 0, last, (lr, count) if fused_update else None))
+            if fused_update:  # the next forward waits for this one; earlier accumulations need no wait
+                u.ready = done
+
+    def _finish_deferred(self, lr: float, count: int, clip: bool, sq_parts: list) -> None:
+        """After the last backward: global norm (accumulated or clipped), then updates in forward order."""
+        if self.n_micro > 1:
+            for u in self.units:
+                if not u.host_updated:
+                    sq_parts.append(self._sq(u.dev_acc))
+            sq_parts.append(_HostSq(self))
+        scale = 1.0
+        if clip:
+            norm = float(np.sqrt(sum(float(p) for p in sq_parts)))
+            scale = 1.0 if norm < self.optim.clip_norm else self.optim.clip_norm / norm
+        for u in self.units:  # forward order: the next forward's first blocks are updated first
+            if not u.host_updated:
+                self._gpu_update(u, u.held_grad if self.n_micro == 1 else u.dev_acc, lr, count, scale)
+            elif clip:  # (without clipping the last accumulation already ran the update)
+                self._submit_update(u, u.held_grad, lr, count, scale)
+            u.held_grad = None
+
+    def _gpu_update(self, u: UnitState, g: jax.Array, lr: float, count: int, scale: float) -> None:
+        master, mu, nu = u.dev_state
+        *state, u.dev_w = self._gpu_adamw[u.layout](master, mu, nu, g, jnp.float32(lr), jnp.float32(count),
+                                                     jnp.float32(scale))
+        u.dev_state = tuple(state)
+        u.dev_acc = None
+        self.watcher.watch("gpu", f"update:{u.name}", u.dev_w)
+
+    def _submit_update(self, u: UnitState, g_host: Any, lr: float, count: int, scale: float) -> None:
+        u.ready = self.worker.submit(u.index, f"update:{u.name}", g_host,
+                                     functools.partial(self._host_update, u, lr, count, scale))
+
+    def _host_update(self, u: UnitState, lr: float, count: int, scale: float, g_host: Any) -> None:
+        """Worker thread: fused AdamW from the landed gradient (or the accumulator) into the pinned weights."""
+        grad = u.acc if g_host is None else _as_kernel_array(np.asarray(g_host))
+        bf16_out = u.host_w.view.dtype.itemsize == 2
+        bounds, decay = u.layout.segments(self.optim.weight_decay)
+        host_adamw.adamw_update_(u.master, u.mu, u.nu, grad, u.host_w.view.view(np.uint16) if bf16_out else None,
+                                 lr=lr, b1=self.optim.b1, b2=self.optim.b2, eps=self.optim.eps, count=count,
+                                 seg_bounds=bounds, seg_decay=decay, grad_scale=scale)
+        if not bf16_out:
+            np.copyto(u.host_w.view, u.master)
+        if not u.streamed:
+            u.stale = True
+
+    def _host_accumulate(self, u: UnitState, first: bool, last: bool, update: tuple | None, g_host: Any) -> None:
+        g = _as_kernel_array(np.asarray(g_host))
+        if first:
+            u.acc.fill(0.0)
+        host_adamw.accumulate_(u.acc, g)
+        if last:
+            u.sq_host = float(np.dot(u.acc.astype(np.float64), u.acc.astype(np.float64)))
+            if update is not None:
+                self._host_update(u, update[0], update[1], 1.0, None)
+
+    # ---- evaluation and state ----------------------------------------------------------------------------
+    def eval_loss(self, batch: dict[str, Any]) -> jax.Array:
+        total = None
+        for m in range(batch["tokens"].shape[0]):
+            mb = {k: self.spaces.to_hbm(np.asarray(v[m])) for k, v in batch.items()}
+            x = self.edges.embed_fwd(self._weights(self.embed_u), mb["tokens"])
+            for u, prog in zip(self.block_us, self.block_programs):
+                x = prog.apply(self._weights(u), x)
+            w_tied = self._weights(self.embed_u) if self.edges.tied else self._no_tied
+            loss = self.edges.head_loss(self._weights(self.head_u), w_tied, x, mb["targets"], mb["weights"])
+            total = loss if total is None else total + loss
+        return total
+
+    def master_params(self) -> Params:
+        """fp32 master weights as numpy trees, after every pending update."""
+        self.worker.drain()
+        trees = [u.master_tree() for u in self.units]
+        return {"embed": trees[0], "blocks": trees[1:-1], "head": trees[-1]}
+
+    def close(self) -> None:
+        self.worker.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _as_kernel_array(a: np.ndarray) -> np.ndarray:
+    """bf16 gradients go to the kernel as their uint16 bit patterns (numba has no bfloat16)."""
+    return a.view(np.uint16) if a.dtype.itemsize == 2 else a
+
+
+class _HostSq:
+    """Squared norm of the host-accumulated gradients; read after their tasks ran."""
+
+    def __init__(self, engine: OffloadEngine):
+        self.engine = engine
+
+    def __float__(self) -> float:
+        self.engine.worker.drain()
+        return sum(u.sq_host for u in self.engine.units if u.host_updated)
+
+
+class _LazyNorm:
+    """The step's global gradient norm, computed when read (after the next step is dispatched)."""
+
+    def __init__(self, engine: OffloadEngine, parts: list):
+        self.parts = parts
+
+    def __float__(self) -> float:
+        return float(np.sqrt(sum(float(p) for p in self.parts)))
+
+
+def _hidden_size(model: DecoderModel, embed_u: UnitState, b: int, s: int) -> int:
+    tree = embed_u.layout.unflatten(jnp.zeros((embed_u.layout.size,), jnp.float32))
+    return jax.eval_shape(model.embed, tree, jax.ShapeDtypeStruct((b, s), jnp.int32)).shape[-1]

@@ -1,0 +1,149 @@
+"""The jitted per-unit programs the engine runs: block forward/backward under an activation policy, the
+embedding, the head with its loss, and AdamW on the GPU. Built once per shape; blocks of one shape share them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lohan_jax.engine.layout import FlatLayout
+from lohan_jax.models import DecoderModel
+from lohan_jax.plan import ActivationPolicy
+
+
+def _nbytes(avals) -> int:
+    return int(sum(a.size * a.dtype.itemsize for a in avals))
+
+
+class BlockProgram:
+    """Forward and backward of one block as two jitted functions that pass residuals explicitly.
+
+    The forward runs jax.vjp of the (possibly rematerialised) block and returns only the residuals that are
+    not its own inputs: the weights and the block input are found among the vjp's residuals by inspecting
+    the jaxpr, dropped, and re-inserted in the backward from the freshly fetched weights and the stored
+    checkpoint. So weights are never held between forward and backward, and what the policy saves can be
+    swapped to host memory as plain arrays.
+    """
+
+    def __init__(self, model: DecoderModel, layout: FlatLayout, policy: ActivationPolicy,
+                 w_aval: jax.ShapeDtypeStruct, x_aval: jax.ShapeDtypeStruct):
+        self.policy = policy
+
+        def block(w_flat, x_BSD):
+            return model.block(layout.unflatten(w_flat), x_BSD)
+
+        if policy.save is not None:
+            block = jax.checkpoint(block, policy=jax.checkpoint_policies.save_only_these_names(*policy.save))
+
+        def fwd_full(w_flat, x_BSD):
+            return jax.vjp(block, w_flat, x_BSD)
+
+        closed = jax.make_jaxpr(fwd_full)(w_aval, x_aval)
+        (_, vjp_aval) = jax.eval_shape(fwd_full, w_aval, x_aval)
+        vjp_leaves, self._vjp_treedef = jax.tree.flatten(vjp_aval)
+        w_var, x_var = closed.jaxpr.invars
+        outvars = closed.jaxpr.outvars[1:]
+        assert len(outvars) == len(vjp_leaves)
+        self._kinds = tuple("w" if v is w_var else "x" if v is x_var else "r" for v in outvars)
+        self.residual_avals = tuple(a for a, k in zip(vjp_leaves, self._kinds) if k == "r")
+        self.residual_nbytes = _nbytes(self.residual_avals)
+        kinds = self._kinds
+
+        def fwd(w_flat, x_BSD):
+            y, vjp = jax.vjp(block, w_flat, x_BSD)
+            return y, [leaf for leaf, k in zip(jax.tree.leaves(vjp), kinds) if k == "r"]
+
+        def bwd(w_flat, x_BSD, residuals, dy_BSD):
+            it = iter(residuals)
+            leaves = [w_flat if k == "w" else x_BSD if k == "x" else next(it) for k in kinds]
+            dw, dx = jax.tree.unflatten(self._vjp_treedef, leaves)(dy_BSD)
+            return dx, dw, jnp.sum(jnp.square(dw.astype(jnp.float32)))
+
+        self.fwd = jax.jit(fwd)
+        self.bwd = jax.jit(bwd, donate_argnums=(2, 3))
+        self.apply = jax.jit(block)  # forward only (evaluation)
+
+
+class EdgePrograms:
+    """Embedding and head + loss. The head also returns the gradient of the tied embedding, if any."""
+
+    def __init__(self, model: DecoderModel, embed: FlatLayout, head: FlatLayout, head_chunk_bytes: int = 1 << 30):
+        self.tied = model.tied_weight is not None
+
+        def embed_fwd(w_flat, tokens):
+            return model.embed(embed.unflatten(w_flat), tokens)
+
+        def embed_bwd(w_flat, tokens, dx, *g_tied):
+            _, vjp = jax.vjp(lambda w: embed_fwd(w, tokens), w_flat)
+            (dw,) = vjp(dx)
+            if g_tied:  # the tied head's share of the embedding gradient
+                dw = dw + g_tied[0]
+            return dw, jnp.sum(jnp.square(dw.astype(jnp.float32)))
+
+        def head_loss(wh_flat, we_flat, x_BSD, targets, weights):
+            p_embed = embed.unflatten(we_flat) if self.tied else None
+            return model.head_loss(head.unflatten(wh_flat), p_embed, x_BSD, targets, weights)
+
+        def head_fwd_bwd(wh_flat, we_flat, x_BSD, targets, weights):
+            grad_fn = jax.value_and_grad(head_loss, argnums=(0, 1, 2))
+            B, S, _ = x_BSD.shape
+            rows = _head_chunk_rows(B, S, model.spec.vocab_size if model.spec else 0, head_chunk_bytes)
+            if rows == B:
+                loss, (dwh, dwe, dx) = grad_fn(wh_flat, we_flat, x_BSD, targets, weights)
+            else:  # fp32 logits of the whole batch would not fit: loss and gradients chunk by chunk
+                split = lambda a: a.reshape(B // rows, rows, *a.shape[1:])
+
+                def body(carry, chunk):
+                    loss, dwh, dwe = carry
+                    l, (gh, ge, dxc) = grad_fn(wh_flat, we_flat, *chunk)
+                    return (loss + l, dwh + gh.astype(jnp.float32), dwe + ge.astype(jnp.float32)), dxc
+
+                zeros = lambda w: jnp.zeros(w.shape, jnp.float32)
+                (loss, dwh, dwe), dx = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros(wh_flat), zeros(we_flat)),
+                                                    (split(x_BSD), split(targets), split(weights)))
+                dx, dwh, dwe = dx.reshape(x_BSD.shape), dwh.astype(wh_flat.dtype), dwe.astype(we_flat.dtype)
+            return loss, dx, dwh, dwe, jnp.sum(jnp.square(dwh.astype(jnp.float32)))
+
+        self.embed_fwd = jax.jit(embed_fwd)
+        self.embed_bwd = jax.jit(embed_bwd, donate_argnums=(2,))
+        self.head_fwd_bwd = jax.jit(head_fwd_bwd, donate_argnums=(2,))
+        self.head_loss = jax.jit(head_loss)
+        self.add = jax.jit(jnp.add)
+
+
+def _head_chunk_rows(batch: int, seq: int, vocab: int, max_bytes: int) -> int:
+    """Largest divisor of the batch whose fp32 logits (and their gradient) stay under max_bytes."""
+    if not vocab:
+        return batch
+    rows = batch
+    while rows > 1 and rows * seq * vocab * 4 > max_bytes:
+        rows -= 1
+        while batch % rows:
+            rows -= 1
+    return rows
+
+
+def _adamw_gpu(master, mu, nu, grad, lr, count, grad_scale, *, layout, weight_decay, b1, b2, eps, compute_dtype):
+    """optax.adamw's arithmetic, in its order, on flat fp32 vectors (count is 1-based)."""
+    g = grad.astype(jnp.float32) * grad_scale
+    mu = (1 - b1) * g + b1 * mu
+    nu = (1 - b2) * (g * g) + b2 * nu
+    mu_hat = mu / (1 - b1 ** count).astype(jnp.float32)
+    nu_hat = nu / (1 - b2 ** count).astype(jnp.float32)
+    update = mu_hat / (jnp.sqrt(nu_hat) + eps) + layout.decay_vector(weight_decay) * master
+    master = master + (-lr) * update
+    return master, mu, nu, master.astype(compute_dtype)
+
+
+def make_gpu_adamw(layout: FlatLayout, b1: float, b2: float, eps: float, weight_decay: float, compute_dtype: Any):
+    """Jitted AdamW for units whose state lives in HBM; master and moments are donated (updated in place).
+    The per-element decay mask is built inside the program from per-leaf values, so it costs no memory."""
+    fn = lambda master, mu, nu, grad, lr, count, scale: _adamw_gpu(
+        master, mu, nu, grad, lr, count, scale, layout=layout, weight_decay=weight_decay, b1=b1, b2=b2, eps=eps,
+        compute_dtype=compute_dtype)
+    return jax.jit(fn, donate_argnums=(0, 1, 2))
+
+
+make_accumulate = lambda: jax.jit(lambda acc, g: acc + g.astype(jnp.float32), donate_argnums=(0,))

@@ -1,0 +1,69 @@
+"""Per-unit state: where a unit's weights, gradient and optimizer state live, and how it is updated."""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from lohan_jax.engine.layout import FlatLayout
+from lohan_jax.plan import Tier, UnitPlan, UpdateOn
+from lohan_jax.tiers import HostBuffer, MemorySpaces
+
+
+@dataclasses.dataclass(eq=False)
+class UnitState:
+    index: int  # forward order: 0 embedding, 1..L blocks, L+1 head
+    name: str
+    plan: UnitPlan
+    layout: FlatLayout
+    host_w: HostBuffer | None = None  # pinned compute weights (host tier) or the upload staging (hbm + CPU update)
+    dev_w: jax.Array | None = None  # resident compute weights (hbm tier)
+    master: np.ndarray | None = None  # fp32 master and moments on the host (CPU update)
+    mu: np.ndarray | None = None
+    nu: np.ndarray | None = None
+    acc: np.ndarray | None = None  # host fp32 gradient accumulator (micro-batches > 1)
+    dev_state: tuple | None = None  # (master, mu, nu) in HBM (GPU update)
+    dev_acc: jax.Array | None = None
+    ready: threading.Event | None = None  # set when the pending host update has finished
+    stale: bool = False  # hbm weights must be re-uploaded from host_w after a host update
+    held_grad: Any = None  # gradient waiting for the global norm (clipping)
+    sq_host: float = 0.0  # squared norm of the accumulated host gradient
+
+    @property
+    def host_updated(self) -> bool:
+        return self.plan.update_on is UpdateOn.CPU
+
+    @property
+    def streamed(self) -> bool:
+        return self.plan.weights is Tier.HOST
+
+    @classmethod
+    def create(cls, index: int, name: str, plan: UnitPlan, tree32: Any, spaces: MemorySpaces, compute_dtype: Any,
+               accumulate: bool) -> UnitState:
+        layout = FlatLayout.of(tree32)
+        master = layout.flatten_np(tree32, np.float32)
+        w = master.astype(ml_dtypes.bfloat16 if np.dtype(compute_dtype) == np.dtype(ml_dtypes.bfloat16)
+                          else np.float32)
+        u = cls(index, name, plan, layout)
+        if u.host_updated:
+            u.master, u.mu, u.nu = master, np.zeros_like(master), np.zeros_like(master)
+            u.acc = np.zeros_like(master) if accumulate else None
+            u.host_w = HostBuffer(spaces, w)
+            if not u.streamed:
+                u.dev_w = spaces.to_hbm(u.host_w.array)
+        else:
+            u.dev_state = tuple(spaces.to_hbm(a) for a in (master, np.zeros_like(master), np.zeros_like(master)))
+            u.dev_w = spaces.to_hbm(w)
+        return u
+
+    def master_tree(self) -> Any:
+        flat = self.master if self.host_updated else np.asarray(self.dev_state[0])
+        return self.layout.unflatten(np.array(flat, copy=True))
+
+    @property
+    def w_nbytes(self) -> int:
+        return (self.host_w.nbytes if self.host_w is not None else self.dev_w.nbytes)
