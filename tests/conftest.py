@@ -8,6 +8,7 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_default_matmul_precision", "highest")  # fp32 exactness tests: no TF32 on the GPU
 
 
 @pytest.fixture(scope="session")

@@ -104,6 +104,7 @@ def test_model_section_without_name_uses_the_default_preset():
     ("optim.weight_dacay=0.1", "did you mean optim.weight_decay?"),
     ("data.sorce=synthetic", "did you mean data.source?"),
     ("model.n_layer=3", "did you mean model.n_layers?"),
+    ("offload.prefetch_dept=3", "did you mean offload.prefetch_depth?"),
 ])
 def test_unknown_keys_suggest_the_closest(override, suggestion):
     with pytest.raises(ConfigError, match="unknown config key") as e:
@@ -149,6 +150,7 @@ def test_wrong_types_are_rejected(override, names):
     ("train.compute_dtype=fp16", ["train.compute_dtype", "bfloat16"]),
     ("train.attention=flash", ["train.attention", "cudnn"]),
     ("data.token_dtype=int8", ["data.token_dtype", "uint16"]),
+    ("offload.weights=disk", ["offload.weights", "host or hbm"]),
 ])
 def test_bad_enum_values_list_the_choices(override, names):
     with pytest.raises(ConfigError) as e:

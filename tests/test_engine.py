@@ -123,3 +123,20 @@ def test_counted_traffic_equals_plan(case):
         float(metrics["loss"])
     assert counted == expected
     assert counted["d2h_bytes"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(CASES))
+def test_engine_matches_reference_on_gpu(case, gpu_device):
+    """The same exactness on the GPU, where memory-kind transfers are real (on the CPU they compile to
+    nothing) and XLA's offload paths have had wrong-gradient bugs."""
+    model_name, plan_fn, n_micro, clip = CASES[case]
+    with jax.default_device(gpu_device):
+        _assert_close(*_compare(model_name, plan_fn, n_micro, clip), rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_name", ["gpt-tiny", "llama-tiny"])
+def test_engine_bf16_on_gpu(model_name, gpu_device):
+    with jax.default_device(gpu_device):
+        test_engine_matches_reference_bf16(model_name)

@@ -51,7 +51,7 @@ def assert_trees_close(a, b, rtol, atol=0.0):
 
 
 def max_abs_diff(a, b):
-    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 class PartlyMasked:
@@ -151,9 +151,10 @@ def test_clipping_matches_hand_written_optax(runs):
     clip_losses, clip_norms, clip_params = runs["clip"]
     hand_params, hand_losses, hand_norms = runs["hand"]
     assert min(hand_norms) > 10 * CLIP  # clipping really acts on every step
-    np.testing.assert_allclose(clip_norms, hand_norms, rtol=1e-6)  # the reported norm is the unclipped one
-    np.testing.assert_allclose(clip_losses, hand_losses, rtol=1e-6)
-    assert_trees_close(clip_params, hand_params, rtol=1e-6, atol=1e-9)
+    # bit for bit: with one micro-batch the trainer's scan adds its gradient to zeros, which is exact
+    assert clip_norms == hand_norms  # the reported norm is the unclipped one
+    assert clip_losses == hand_losses
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), clip_params, hand_params)
 
 
 def test_clipping_changes_the_result(runs):
@@ -175,7 +176,7 @@ def test_weight_decay_only_on_matrices():
     metrics = t.step(batch)
     assert float(metrics["loss"]) == 0.0 and float(metrics["grad_norm"]) == 0.0
     n_vectors = 0
-    for new, old in zip(jax.tree.leaves(t.master_params()), jax.tree.leaves(params)):
+    for new, old in zip(jax.tree.leaves(t.master_params()), jax.tree.leaves(params), strict=True):
         if old.ndim >= 2:
             np.testing.assert_allclose(np.asarray(new), np.asarray(old) * (1 - lr * wd), rtol=1e-6)
         else:

@@ -47,7 +47,7 @@ class OffloadEngine:
         self.compute_dtype = compute_dtype
         self.schedule = make_schedule(optim, total_steps)
         self.spaces = MemorySpaces(device)
-        self.timeline = timeline or Timeline(enabled=False)
+        self.timeline = timeline if timeline is not None else Timeline(enabled=False)
         self.watcher = CompletionWatcher(self.timeline)
         self.worker = HostWorker(self.timeline)
         self.traffic: collections.Counter = collections.Counter()

@@ -32,7 +32,7 @@ class HostWorker:
     """One thread; tasks run one at a time, each using all the kernel's threads."""
 
     def __init__(self, timeline: Timeline | None = None):
-        self._timeline = timeline or Timeline(enabled=False)
+        self._timeline = timeline if timeline is not None else Timeline(enabled=False)
         self._cv = threading.Condition()
         self._pending: list[HostTask] = []
         self._seq = itertools.count()

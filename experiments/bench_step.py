@@ -1,0 +1,244 @@
+"""Question: how fast does one training step run, for the offloaded engine (a plan) or the all-in-HBM
+reference, on a given model shape and batch, and how close is it to the block-only peak of the same blocks?
+
+One process per configuration (the GPU memory cap must be set before jax starts). Appends one row in the
+schema of shared/RESULTS.md to --out and, with --timeline, writes the last step's trace, PNG and summary.
+
+  python experiments/bench_step.py --system lohan_jax --model paper-6b --batch 8 --gpu-budget-gib 24
+  python experiments/bench_step.py --system reference --model gpt3-1.3b --batch 8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _gpu_total_gib() -> float | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, check=True).stdout
+        return float(out.split()[0]) / 1024
+    except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
+        return None
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--system", choices=["lohan_jax", "reference"], default="lohan_jax")
+    p.add_argument("--model", default="paper-6b")
+    p.add_argument("--layers", type=int, default=0, help="override the number of blocks (0: the model's)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
+    p.add_argument("--micro", type=int, default=1, help="micro-batches per step (gradient accumulation)")
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--gpu-budget-gib", type=float, default=0.0, help="cap GPU memory (0: the whole card)")
+    p.add_argument("--weights", default="host")
+    p.add_argument("--optim-state", default="host")
+    p.add_argument("--activations", default="recompute")
+    p.add_argument("--gpu-state-blocks", type=int, default=0,
+                   help="hand plan: the last N blocks keep weights and Adam state in HBM, updated on the GPU")
+    p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--keep-turn", type=int, default=1)
+    p.add_argument("--host-threads", type=int, default=0)
+    p.add_argument("--experiment", default="step_throughput")
+    p.add_argument("--out", default="experiments/results/step_throughput.jsonl")
+    p.add_argument("--timeline", default="", help="directory for the last step's timeline (trace, PNG, summary)")
+    p.add_argument("--no-peak", action="store_true", help="skip the block-only peak measurement")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    total = _gpu_total_gib()
+    if args.gpu_budget_gib and total:
+        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{min(args.gpu_budget_gib / total, 0.99):.4f}"
+    os.environ.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", "120")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from lohan_jax.metrics import append_result
+
+    row = {"experiment": args.experiment, "system": args.system, "model": args.model, "seq_len": args.seq,
+           "batch_tokens": args.batch * args.seq, "gpu_budget_gib": args.gpu_budget_gib or total, "n_gpus": 1,
+           "steps": args.steps, "command": " ".join(["python", *sys.argv])}
+    try:
+        row.update(run(args))
+        row["status"] = "ok"
+    except Exception as e:  # failures are results too (OOM above all)
+        msg = f"{type(e).__name__}: {e}"
+        row.update(status="oom" if "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower() else "failed",
+                   error=msg[:2000])
+        import traceback
+        traceback.print_exc()
+    import jax
+    row["device"] = jax.devices()[0].device_kind
+    append_result(args.out, row)
+    print(json.dumps(row, indent=1, default=str))
+    return 0 if row["status"] == "ok" else 1
+
+
+def run(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from lohan_jax.batches import step_batch
+    from lohan_jax.config import OptimConfig
+    from lohan_jax.data import open_dataset
+    from lohan_jax.metrics import model_flops_per_token, paper_flops_per_token
+    from lohan_jax.models import build_model, get_spec
+
+    spec = get_spec(args.model, **({"n_layers": args.layers} if args.layers else {}))
+    model = build_model(spec, jnp.bfloat16)
+    optim = OptimConfig(lr=1e-4, warmup_steps=0)
+    b = args.batch // args.micro
+    data = open_dataset("synthetic", seq_len=args.seq, batch_size=b, seed=0, vocab_size=spec.vocab_size)
+    batches = [step_batch(data, s, args.micro) for s in range(args.steps)]
+    tokens = args.batch * args.seq
+    out: dict = {"params": spec.param_count()}
+
+    if args.system == "reference":
+        from lohan_jax.reference import ReferenceTrainer
+        params = jax.jit(lambda k: model.init(k, args.seq))(jax.random.key(0))
+        trainer = ReferenceTrainer(model, params, optim, args.steps, jnp.bfloat16)
+        del params
+        engine = None
+    else:
+        trainer = engine = make_engine(args, model, spec, optim, b)
+        out["plan"] = engine.plan.to_json()
+    times, losses = [], []
+    for s, batch in enumerate(batches):
+        traced = args.timeline and s == len(batches) - 1 and engine is not None
+        if traced:
+            engine.timeline.clear()
+            engine.timeline.enabled = True
+        metrics = trainer.step(batch)
+        losses.append(float(metrics["loss"]))
+        times.append(time.perf_counter())
+        print(f"step {s}: loss {losses[-1]:.4f} at {times[-1] - times[0]:.3f}s", flush=True)
+    if engine is not None:
+        engine.worker.drain()
+    step_s = float(np.median(np.diff(times))) if len(times) > 2 else float("nan")
+    f6 = model_flops_per_token(spec.nonembed_param_count(), spec.n_layers, spec.d_model, args.seq, spec.vocab_size)
+    fp = paper_flops_per_token(spec.n_layers, spec.d_model, args.seq)
+    out.update(step_s=step_s, tokens_per_s=tokens / step_s, tflops_6n=tokens * f6 / step_s / 1e12,
+               tflops_paper=tokens * fp / step_s / 1e12, losses=losses, host_rss_peak_gib=_peak_rss_gib())
+    if engine is not None:
+        out.update({f"traffic_{k}_per_step": v for k, v in engine.traffic.items()})
+        out["host_optim_busy_s_total"] = engine.worker.busy_s
+        if args.timeline:
+            out.update(_timeline_report(engine, Path(args.timeline), args))
+        if not args.no_peak:
+            out.update(_block_peak(engine, spec, b, args, tokens, out["tokens_per_s"]))
+        engine.close()
+    return out
+
+
+def make_engine(args, model, spec, optim, b):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from lohan_jax.engine import OffloadEngine
+    from lohan_jax.optim import host_adamw
+    from lohan_jax.plan import Plan, Tier, UnitPlan, UpdateOn, uniform_plan
+    from lohan_jax.tiers import MemorySpaces
+    from lohan_jax.timeline import Timeline
+    import dataclasses
+
+    plan = uniform_plan(spec.n_layers, weights=args.weights, optim_state=args.optim_state,
+                        activations=args.activations, prefetch_depth=args.prefetch, keep_turn_blocks=args.keep_turn)
+    if args.gpu_state_blocks:
+        gpu = dataclasses.replace(plan.blocks[0], weights=Tier.HBM, optim_state=Tier.HBM, update_on=UpdateOn.GPU)
+        n = spec.n_layers - args.gpu_state_blocks
+        plan = dataclasses.replace(plan, blocks=plan.blocks[:n] + (gpu,) * args.gpu_state_blocks)
+    if args.host_threads:
+        host_adamw.set_num_threads(args.host_threads)
+    host_adamw.warmup()
+    spaces = MemorySpaces()
+    key = jax.random.key(0)
+    init_block = jax.jit(lambda k, i: model.block_module.init(jax.random.fold_in(k, i),
+                                                              jnp.zeros((1, 8, spec.d_model), jnp.bfloat16))["params"])
+    k_blocks = jax.random.split(key, 3)[2]
+
+    def unit_params(k):  # initialised on the GPU, landed in pinned memory at PCIe speed, read as numpy
+        if 1 <= k <= spec.n_layers:
+            with jax.numpy_dtype_promotion("standard"):
+                tree = init_block(k_blocks, k - 1)
+        else:
+            tree = model.init_unit(key, k, 8)
+        return jax.tree.map(np.asarray, spaces.to_host(tree))
+
+    t0 = time.perf_counter()
+    engine = OffloadEngine(model, unit_params, plan, optim=optim, total_steps=args.steps,
+                           micro_batch_shape=(b, args.seq), n_micro=args.micro, compute_dtype=jnp.bfloat16,
+                           timeline=Timeline(enabled=False))
+    print(f"engine ready in {time.perf_counter() - t0:.1f}s; plan:\n{plan.table()}", flush=True)
+    return engine
+
+
+def _timeline_report(engine, out_dir: Path, args) -> dict:
+    engine.watcher.flush()
+    engine.timeline.enabled = False
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{args.model}-b{args.batch}-{args.gpu_budget_gib:g}gib"
+    engine.timeline.to_chrome_trace(out_dir / f"{stem}.trace.json")
+    engine.timeline.plot(out_dir / f"{stem}.png", title=f"lohan_jax {args.model} batch {args.batch}x{args.seq}")
+    s = engine.timeline.summary()
+    lanes, total = s["lanes"], s["total_s"]
+    busy = lambda lane: lanes.get(lane, {}).get("busy_s", 0.0)
+    cpu = busy("cpu_optim")
+    hidden = s["overlap_s"].get("cpu_optim", {}).get("gpu", 0.0)
+    t = engine.traffic
+    return {"timeline_step_s": total, "gpu_busy_fraction": busy("gpu") / total if total else None,
+            "h2d_gbps": t["h2d_bytes"] / busy("h2d") / 1e9 if busy("h2d") else None,
+            "d2h_gbps": t["d2h_bytes"] / busy("d2h") / 1e9 if busy("d2h") else None,
+            "cpu_optim_s": cpu, "cpu_optim_hidden_fraction": hidden / cpu if cpu else None,
+            "timeline_png": str(out_dir / f"{stem}.png")}
+
+
+def _block_peak(engine, spec, b, args, tokens, achieved) -> dict:
+    """Same blocks' forward+backward (same activation policy) and head, all resident, no transfers."""
+    import jax
+    import jax.numpy as jnp
+
+    prog, u = engine.block_programs[0], engine.block_us[0]
+    w = engine._weights(u)
+    x = jax.random.normal(jax.random.key(1), (b, args.seq, spec.d_model), jnp.bfloat16)
+    w_head = engine._weights(engine.head_u)
+    w_tied = engine._weights(engine.embed_u) if engine.edges.tied else engine._no_tied
+    tok = jnp.zeros((b, args.seq), jnp.int32)
+    wts = jnp.full((b, args.seq), 1.0 / tokens, jnp.float32)
+
+    def block_once():
+        y, r = prog.fwd(w, x)
+        return prog.bwd(w, x + 0, r, jnp.ones_like(y))[2]
+
+    def head_once():
+        return engine.edges.head_fwd_bwd(w_head, w_tied, x + 0, tok, wts)[4]
+
+    def timed(fn, n=6):
+        fn().block_until_ready()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            r = fn()
+        r.block_until_ready()
+        return (time.perf_counter() - t0) / n
+
+    t_block, t_head = timed(block_once), timed(head_once, 3)
+    per_micro = spec.n_layers * t_block + t_head
+    peak = b * args.seq / per_micro
+    return {"block_ms": t_block * 1e3, "head_ms": t_head * 1e3, "block_peak_tokens_per_s": peak,
+            "fraction_of_block_peak": achieved / peak}
+
+
+def _peak_rss_gib() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+if __name__ == "__main__":
+    sys.exit(main())

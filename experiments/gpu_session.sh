@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One GPU-machine session: environment, GPU exactness tests, host AdamW rate, step benchmarks.
+# usage: bash experiments/gpu_session.sh PART OUTDIR   (PART: a = checks + tests + small runs, b = 6B runs)
+set -u
+part=${1:-a}; out=${2:-/tmp/gpu_out}; mkdir -p "$out"
+export PYTHONPATH=$PWD XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=120 PYTHONUNBUFFERED=1
+log() { echo "== $(date +%T) $*"; }
+if [ "$part" = a ]; then
+  log env; { nvidia-smi --query-gpu=name,memory.total --format=csv; nproc; free -g; df -h /tmp | tail -1;
+    python3 -c "import jax, numba, flax, optax, sys; print(sys.version, jax.__version__, jax.devices(), numba.__version__, flax.__version__, optax.__version__)"; } 2>&1 | tee "$out/env.txt"
+  log gpu tests; timeout 300 python3 -m pytest -q -m gpu tests/test_engine.py -W ignore::UserWarning -p no:cacheprovider > "$out/gpu_tests.log" 2>&1; tail -3 "$out/gpu_tests.log"
+  log host adam; timeout 120 python3 experiments/host_adam_bench.py --out "$out/host_adam.jsonl" > "$out/host_adam.log" 2>&1; tail -8 "$out/host_adam.log"
+  log reference 1.3B; timeout 150 python3 experiments/bench_step.py --system reference --model gpt3-1.3b --batch 8 --steps 6 \
+    --experiment reference_throughput --out "$out/reference_throughput.jsonl" > "$out/ref13.log" 2>&1; tail -4 "$out/ref13.log"
+fi
+if [ "$part" = b ]; then
+  for b in 8 64; do
+    act=recompute; [ "$b" = 64 ] && act=recompute+swap_input
+    log 6B batch $b; timeout 280 python3 experiments/bench_step.py --system lohan_jax --model paper-6b --batch $b --steps 4 \
+      --gpu-budget-gib 24 --activations $act --experiment engine_throughput --out "$out/engine_throughput.jsonl" \
+      --timeline "$out" > "$out/engine6b_b$b.log" 2>&1; grep -E "step [0-9]|engine ready|Error|error" "$out/engine6b_b$b.log" | tail -8
+  done
+fi
+python3 - "$out" <<'PY'
+import json, sys, glob
+for f in sorted(glob.glob(sys.argv[1] + "/*.jsonl")):
+    for line in open(f):
+        r = json.loads(line)
+        print(f.split("/")[-1], {k: r.get(k) for k in ("system", "model", "batch_tokens", "step_s", "tokens_per_s",
+              "tflops_6n", "fraction_of_block_peak", "params_per_s", "threads", "status", "error") if r.get(k) is not None})
+PY
