@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     total = _gpu_total_gib()
     if args.gpu_budget_gib and total:
         os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{min(args.gpu_budget_gib / total, 0.99):.4f}"
+    else:  # the whole card (XLA's default pool is 75% of it)
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
     os.environ.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", "120")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from lohan_jax.metrics import append_result

@@ -14,6 +14,9 @@ if [ "$part" = a ]; then
     --experiment reference_throughput --out "$out/reference_throughput.jsonl" > "$out/ref13.log" 2>&1; tail -4 "$out/ref13.log"
 fi
 if [ "$part" = b ]; then
+  log gpu bf16 tests; timeout 120 python3 -m pytest -q -m gpu tests/test_engine.py -k bf16 -W ignore::UserWarning -p no:cacheprovider > "$out/gpu_tests_bf16.log" 2>&1; tail -2 "$out/gpu_tests_bf16.log"
+  log reference 1.3B; timeout 150 python3 experiments/bench_step.py --system reference --model gpt3-1.3b --batch 8 --steps 6 \
+    --experiment reference_throughput --out "$out/reference_throughput.jsonl" > "$out/ref13.log" 2>&1; tail -4 "$out/ref13.log"
   for b in 8 64; do
     act=recompute; [ "$b" = 64 ] && act=recompute+swap_input
     log 6B batch $b; timeout 280 python3 experiments/bench_step.py --system lohan_jax --model paper-6b --batch $b --steps 4 \

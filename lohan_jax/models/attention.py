@@ -13,10 +13,13 @@ import jax.numpy as jnp
 def causal_attention(q_BSNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
                      implementation: str | None = None) -> jax.Array:
     """Causal attention with grouped-query support (K divides N heads); query head n uses KV head n // (N/K)."""
-    use_fused = implementation == "cudnn" or (
-        implementation is None and q_BSNH.dtype != jnp.float32 and jax.default_backend() == "gpu")
-    if use_fused:
-        return jax.nn.dot_product_attention(q_BSNH, k_BSKH, v_BSKH, is_causal=True, implementation=implementation)
+    if implementation == "cudnn":
+        return jax.nn.dot_product_attention(q_BSNH, k_BSKH, v_BSKH, is_causal=True, implementation="cudnn")
+    if implementation is None and q_BSNH.dtype != jnp.float32 and jax.default_backend() == "gpu":
+        try:  # cuDNN rejects some shapes (e.g. tiny head dims) at trace time: then the XLA path below
+            return jax.nn.dot_product_attention(q_BSNH, k_BSKH, v_BSKH, is_causal=True, implementation="cudnn")
+        except Exception:
+            pass
     return _xla_attention(q_BSNH, k_BSKH, v_BSKH)
 
 
