@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--activations", default="recompute")
     p.add_argument("--gpu-state-blocks", type=int, default=0,
                    help="hand plan: the last N blocks keep weights and Adam state in HBM, updated on the GPU")
+    p.add_argument("--swap-input-blocks", type=int, default=-1,
+                   help="hand plan: swap the inputs of only the first N blocks to host (-1: as --activations says)")
     p.add_argument("--prefetch", type=int, default=2)
     p.add_argument("--keep-turn", type=int, default=1)
     p.add_argument("--host-threads", type=int, default=0)
@@ -157,6 +159,10 @@ def make_engine(args, model, spec, optim, b):
         gpu = dataclasses.replace(plan.blocks[0], weights=Tier.HBM, optim_state=Tier.HBM, update_on=UpdateOn.GPU)
         n = spec.n_layers - args.gpu_state_blocks
         plan = dataclasses.replace(plan, blocks=plan.blocks[:n] + (gpu,) * args.gpu_state_blocks)
+    if args.swap_input_blocks >= 0:  # the first blocks' inputs are needed last: swap those, keep the rest
+        swapped = [dataclasses.replace(u, activations=dataclasses.replace(u.activations, swap_input=i < args.swap_input_blocks))
+                   for i, u in enumerate(plan.blocks)]
+        plan = dataclasses.replace(plan, blocks=tuple(swapped))
     if args.host_threads:
         host_adamw.set_num_threads(args.host_threads)
     host_adamw.warmup()

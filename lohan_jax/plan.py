@@ -30,20 +30,38 @@ class ActivationPolicy:
     save=None keeps every residual the backward needs (no recompute); save=() keeps only the block input and
     recomputes the block; save=(names...) keeps those named intermediates and recomputes the rest. swap moves
     the kept residuals to pinned host memory after the forward and fetches them back ahead of the backward;
-    swap_input does the same for the block input (the minimum checkpoint).
+    swap_input does the same for the block input (the minimum checkpoint). chunks > 1 runs the block over
+    that many slices of the batch, summing the weight gradient in fp32 on the GPU: the backward's working
+    memory shrinks by that factor while the weights still cross PCIe once per pass, so a large batch fits a
+    small GPU without host-side gradient accumulation (which would cost 4 bytes of RAM per parameter).
     """
 
     save: tuple[str, ...] | None = ()
     swap: bool = False
     swap_input: bool = False
+    chunks: int = 1  # >1 (recompute only): forward and backward over batch slices, weight grad summed in fp32
+
+    def __post_init__(self):
+        if self.chunks < 1:
+            raise ValueError(f"activation policy: chunks={self.chunks} must be >= 1")
+        if self.chunks > 1 and self.save != ():
+            raise ValueError("activation policy: chunks > 1 needs the recompute policy (save nothing)")
 
     @classmethod
     def parse(cls, text: str) -> ActivationPolicy:
-        """'keep', 'recompute', 'save:qkv,mlp_up', optionally '+swap' and/or '+swap_input'."""
+        """'keep', 'recompute', 'save:qkv,mlp_up', optionally '+swap', '+swap_input', '+chunks=N'."""
         head, *flags = text.split("+")
+        chunks = 1
+        for flag in [f for f in flags if f.startswith("chunks=")]:
+            try:
+                chunks = int(flag[len("chunks="):])
+            except ValueError:
+                raise ValueError(f"activation policy {text!r}: {flag!r} needs an integer, e.g. chunks=4") from None
+            flags.remove(flag)
         unknown = set(flags) - {"swap", "swap_input"}
         if unknown:
-            raise ValueError(f"activation policy {text!r}: unknown flag(s) {sorted(unknown)}; use +swap, +swap_input")
+            raise ValueError(f"activation policy {text!r}: unknown flag(s) {sorted(unknown)}; "
+                             "use +swap, +swap_input, +chunks=N")
         if head == "keep":
             save = None
         elif head == "recompute":
@@ -52,11 +70,12 @@ class ActivationPolicy:
             save = tuple(n for n in head[5:].split(",") if n)
         else:
             raise ValueError(f"activation policy {text!r} must start with keep, recompute or save:name1,name2")
-        return cls(save=save, swap="swap" in flags, swap_input="swap_input" in flags)
+        return cls(save=save, swap="swap" in flags, swap_input="swap_input" in flags, chunks=chunks)
 
     def describe(self) -> str:
         head = "keep" if self.save is None else "recompute" if not self.save else "save:" + ",".join(self.save)
-        return head + ("+swap" if self.swap else "") + ("+swap_input" if self.swap_input else "")
+        return (head + ("+swap" if self.swap else "") + ("+swap_input" if self.swap_input else "")
+                + (f"+chunks={self.chunks}" if self.chunks > 1 else ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +133,8 @@ class Plan:
         def unit(u):
             a = u.get("activations", {})
             act = ActivationPolicy(save=None if a.get("save") is None else tuple(a["save"]),
-                                   swap=a.get("swap", False), swap_input=a.get("swap_input", False))
+                                   swap=a.get("swap", False), swap_input=a.get("swap_input", False),
+                                   chunks=a.get("chunks", 1))
             return UnitPlan(weights=u["weights"], optim_state=u["optim_state"], update_on=u["update_on"],
                             activations=act)
         return cls(embed=unit(d["embed"]), blocks=tuple(unit(b) for b in d["blocks"]), head=unit(d["head"]),

@@ -80,6 +80,9 @@ CASES = {
     "llama-host-cpu-clip": ("llama-tiny", lambda n: uniform_plan(n, activations="save:q_rot,k_rot,v+swap"), 1, 0.05),
     "llama-mixed-accum": ("llama-tiny", lambda n: Plan(embed=HOST, head=GPU, blocks=(
         _with(HOST, "recompute"), _with(GPU, "keep+swap_input"), _with(HBM_CPU, "keep"))), 2, 0.0),
+    "gpt-chunked-clip": ("gpt-tiny", lambda n: Plan(embed=GPU, head=GPU, blocks=(
+        _with(HOST, "recompute+chunks=2+swap_input"), _with(GPU, "recompute+chunks=4"), _with(HOST, "keep"))),
+        1, 0.05),
 }
 
 

@@ -71,7 +71,7 @@ class OffloadEngine:
         programs: dict[Any, BlockProgram] = {}
         self.block_programs = []
         for u in self.block_us:
-            key = (u.layout, u.plan.activations.save)
+            key = (u.layout, u.plan.activations.save, u.plan.activations.chunks)
             if key not in programs:
                 w_aval = jax.ShapeDtypeStruct((u.layout.size,), compute_dtype)
                 programs[key] = BlockProgram(model, u.layout, u.plan.activations, w_aval, x_aval)

@@ -61,9 +61,38 @@ class BlockProgram:
             dw, dx = jax.tree.unflatten(self._vjp_treedef, leaves)(dy_BSD)
             return dx, dw, jnp.sum(jnp.square(dw.astype(jnp.float32)))
 
+        if policy.chunks > 1:
+            fwd, bwd = _chunked(block, policy.chunks)
+            self.residual_avals, self.residual_nbytes = (), 0
         self.fwd = jax.jit(fwd)
         self.bwd = jax.jit(bwd, donate_argnums=(2, 3))
         self.apply = jax.jit(block)  # forward only (evaluation)
+
+
+def _chunked(block, chunks: int):
+    """Forward and backward over `chunks` slices of the batch; the weight gradient accumulates in fp32."""
+
+    def split(a):
+        if a.shape[0] % chunks:
+            raise ValueError(f"activation policy chunks={chunks} must divide the micro-batch size {a.shape[0]}")
+        return a.reshape(chunks, a.shape[0] // chunks, *a.shape[1:])
+
+    def fwd(w_flat, x_BSD):
+        y = jax.lax.map(lambda xc: block(w_flat, xc), split(x_BSD))
+        return y.reshape(x_BSD.shape), []
+
+    def bwd(w_flat, x_BSD, residuals, dy_BSD):
+        def body(acc, chunk):
+            xc, dyc = chunk
+            _, vjp = jax.vjp(block, w_flat, xc)
+            dw, dxc = vjp(dyc)
+            return acc + dw.astype(jnp.float32), dxc
+
+        acc, dx = jax.lax.scan(body, jnp.zeros(w_flat.shape, jnp.float32), (split(x_BSD), split(dy_BSD)))
+        dw = acc.astype(w_flat.dtype)
+        return dx.reshape(x_BSD.shape), dw, jnp.sum(jnp.square(dw.astype(jnp.float32)))
+
+    return fwd, bwd
 
 
 class EdgePrograms:
