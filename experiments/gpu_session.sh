@@ -24,9 +24,9 @@ if [ "$part" = b ]; then
       --timeline "$out" > "$out/engine6b_b$b.log" 2>&1; grep -E "step [0-9]|engine ready|Error|error" "$out/engine6b_b$b.log" | tail -8
   done
 fi
-if [ "$part" = c ]; then  # batch 64 on the 24 GiB card: blocks run in 4 slices of 16; the first 12 block inputs go to host
+if [ "$part" = c ]; then  # batch 64 on the 24 GiB card: blocks run in 8 slices of 8; the first 16 block inputs go to host
   log 6B batch 64; timeout 400 python3 experiments/bench_step.py --system lohan_jax --model paper-6b --batch 64 \
-    --steps 4 --gpu-budget-gib 24 --activations recompute+chunks=4 --swap-input-blocks 12 --experiment engine_throughput \
+    --steps 4 --gpu-budget-gib 24 --activations recompute+chunks=8 --swap-input-blocks 16 --experiment engine_throughput \
     --out "$out/engine_throughput.jsonl" --timeline "$out" > "$out/engine6b_b64.log" 2>&1
   grep -E "step [0-9]|engine ready|Error|error" "$out/engine6b_b64.log" | tail -8
 fi
