@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from lohan_jax.config import ConfigError, load_config
@@ -40,7 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_pinned_host_limit() -> None:
+    """XLA caps pinned host memory at 64 GB unless told otherwise (MACHINE.md); a 6B model's state alone is
+    ~70 GB. Must run before jax starts its GPU client, hence here and not in the engine."""
+    if "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB" not in os.environ:
+        try:
+            total_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+        except (ValueError, OSError):
+            return
+        os.environ["XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"] = str(int(total_gb * 0.9))
+
+
 def main(argv: list[str] | None = None) -> int:
+    _raise_pinned_host_limit()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("lohan_jax").setLevel(logging.DEBUG if args.verbose else logging.INFO)
