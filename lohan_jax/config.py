@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from lohan_jax.models.registry import get_spec
+from lohan_jax.models.registry import REGISTRY, get_spec
 from lohan_jax.models.spec import ModelSpec
 
 
@@ -80,7 +80,7 @@ class TrainConfig:
     compute_dtype: str = "auto"  # bfloat16, float32, or auto (bfloat16 on GPU, float32 on CPU)
     engine: EngineKind = EngineKind.OFFLOAD  # the main path; reference = all-in-HBM optax baseline
     attention: str = "auto"  # auto, xla or cudnn
-    log_every: int = 10
+    log_every: int = 1  # write a metrics row every this many steps (the last step always)
     eval_every: int = 0  # 0: evaluate only at the end
     eval_batches: int = 4
     run_dir: str = "runs"  # each run writes into run_dir/<model>-<timestamp>/
@@ -88,6 +88,8 @@ class TrainConfig:
     def __post_init__(self):
         for key in ("steps", "batch_size", "micro_batches", "seq_len", "log_every", "eval_batches"):
             _check(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "must be > 0")
+        _check(self.seed >= 0, "train.seed", self.seed, "must be >= 0")
+        _check(self.eval_every >= 0, "train.eval_every", self.eval_every, "must be >= 0 (0 = only at the end)")
         _check(self.batch_size % self.micro_batches == 0, "train.micro_batches", self.micro_batches,
                f"must divide train.batch_size={self.batch_size}")
         _check(self.compute_dtype in ("auto", "bfloat16", "float32"), "train.compute_dtype", self.compute_dtype,
@@ -112,6 +114,8 @@ class OffloadConfig:
     prefetch_depth: int = 2  # weight and activation uploads issued this many blocks ahead
     keep_turn_blocks: int = 1  # last blocks kept on the GPU from forward to backward
     host_threads: int = 0  # host AdamW threads; 0 = all cores but one (the dispatching thread keeps one)
+    hbm_budget_gib: float = 0.0  # GPU memory the plan may use; 0 = what the device reports
+    host_budget_gib: float = 0.0  # host RAM the plan may use; 0 = MemAvailable (cgroup-aware)
     timeline_step: int = -1  # record this step's timeline (trace JSON + PNG in the run dir); -1 = none
 
     def __post_init__(self):
@@ -120,6 +124,8 @@ class OffloadConfig:
         _check(self.prefetch_depth >= 1, "offload.prefetch_depth", self.prefetch_depth, "must be >= 1")
         _check(self.keep_turn_blocks >= 0, "offload.keep_turn_blocks", self.keep_turn_blocks, "must be >= 0")
         _check(self.host_threads >= 0, "offload.host_threads", self.host_threads, "must be >= 0")
+        _check(self.hbm_budget_gib >= 0, "offload.hbm_budget_gib", self.hbm_budget_gib, "must be >= 0 (0 = device)")
+        _check(self.host_budget_gib >= 0, "offload.host_budget_gib", self.host_budget_gib, "must be >= 0 (0 = RAM)")
         try:
             from lohan_jax.plan import ActivationPolicy
             ActivationPolicy.parse(self.activations)
@@ -196,8 +202,11 @@ def _model_from_dict(raw: dict[str, Any]) -> ModelSpec:
     fields = {f.name: f for f in dataclasses.fields(ModelSpec)}
     _reject_unknown(raw, fields, "model.")
     hints = typing.get_type_hints(ModelSpec)
+    fields = {k: _coerce(v, hints[k], f"model.{k}") for k, v in raw.items()}
     try:
-        return get_spec(str(name), **{k: _coerce(v, hints[k], f"model.{k}") for k, v in raw.items()})
+        if str(name) not in REGISTRY and "arch" in fields:  # a fully described custom model
+            return ModelSpec(name=str(name), **fields)
+        return get_spec(str(name), **fields)
     except ConfigError:
         raise
     except ValueError as e:

@@ -80,6 +80,15 @@ def run_training(cfg: Config, run_dir: Path | None = None, progress: bool = True
     params32 = model.init(jax.random.key(t.seed), t.seq_len)
     trainer = make_trainer(cfg, model, params32, compute_dtype)
     del params32
+    try:
+        return _loop(cfg, trainer, data, run_dir, device, progress)
+    finally:
+        if hasattr(trainer, "close"):
+            trainer.close()
+
+
+def _loop(cfg: Config, trainer, data, run_dir: Path, device, progress: bool) -> TrainResult:
+    t = cfg.train
 
     tokens_per_step = t.batch_size * t.seq_len
     s = cfg.model
@@ -116,11 +125,12 @@ def run_training(cfg: Config, run_dir: Path | None = None, progress: bool = True
                 if peak:
                     row["perf/mfu"] = row["perf/tflops"] / peak
                 row.update({k: float(v) for k, v in metrics.items() if k.startswith(("traffic/", "time/", "mem/"))})
-                writer.write(prev, row)
+                if prev % t.log_every == 0 or prev == t.steps - 1:
+                    writer.write(prev, row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['perf/tokens_per_s']:.0f}",
                                 tflops=f"{row['perf/tflops']:.2f}")
-                if t.eval_every and (prev + 1) % t.eval_every == 0 and prev + 1 < t.steps:
+                if t.eval_every and (prev + 1) % t.eval_every == 0 and prev + 1 < t.steps and data.num_eval_windows:
                     writer.write(prev, {"eval/loss": _evaluate(trainer, data, t.eval_batches)})
             pending = (step, out) if out is not None else None
         bar.close()
@@ -136,8 +146,6 @@ def run_training(cfg: Config, run_dir: Path | None = None, progress: bool = True
           f"{summary['perf/tokens_per_s']:.0f} tokens/s, {summary['perf/tflops']:.3f} TFLOPS "
           f"({summary['perf/tflops_paper']:.3f} by the paper's convention); run dir {run_dir}")
     params = trainer.master_params()
-    if hasattr(trainer, "close"):
-        trainer.close()
     return TrainResult(run_dir, losses, eval_loss, summary["perf/tokens_per_s"], params)
 
 
@@ -153,6 +161,8 @@ def _write_timeline(trainer, metrics, run_dir: Path, step: int) -> None:
 
 
 def _evaluate(trainer, data, n_batches: int) -> float:
+    if data.num_eval_windows == 0:  # data.eval_fraction=0: no held-out split, no evaluation
+        return float("nan")
     losses = [float(trainer.eval_loss(step_batch(_Fixed(b), 0, 1))) for b in data.eval_batches(n_batches)]
     return float(np.mean(losses)) if losses else float("nan")
 

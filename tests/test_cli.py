@@ -43,10 +43,6 @@ def test_train_tiny_run(tmp_path, capsys):
     assert run["params"] == saved.model.param_count() and run["backend"] == "cpu"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "data.eval_fraction=0 is valid (DataConfig allows [0, 1); the data module says 'set eval_fraction to 0 to "
-    "disable evaluation') but train.run_training always calls _evaluate at the end: all steps run, then "
-    "TokenDataset.eval_batches raises 'no held-out split' and the CLI exits 2 without the summary row"))
 def test_train_without_held_out_data(tmp_path, capsys):
     run_dir = tmp_path / "run"
     argv = ["train", *TINY_RUN, *REFERENCE, "--set", "train.steps=1", "--set", "data.eval_fraction=0",

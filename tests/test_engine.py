@@ -143,3 +143,50 @@ def test_engine_matches_reference_on_gpu(case, gpu_device):
 def test_engine_bf16_on_gpu(model_name, gpu_device):
     with jax.default_device(gpu_device):
         test_engine_matches_reference_bf16(model_name)
+
+
+def test_plan_over_budget_is_refused_before_allocation():
+    from lohan_jax.engine.memory import Budgets, MemoryBudgetError
+
+    spec = get_spec("gpt-tiny", n_layers=2)
+    model = build_model(spec, jnp.float32)
+    calls = []
+
+    def unit_params(k):
+        calls.append(k)
+        return model.init_unit(jax.random.key(0), k, SEQ)
+
+    plan = uniform_plan(2, optim_state="hbm", activations="keep")
+    with pytest.raises(MemoryBudgetError, match=r"HBM: needs .* GiB, budget"):
+        OffloadEngine(model, unit_params, plan, optim=OptimConfig(), total_steps=1, micro_batch_shape=(BATCH, SEQ),
+                      compute_dtype=jnp.float32, budgets=Budgets(hbm_bytes=10_000, pinned_bytes=None, host_bytes=None))
+    assert calls == []  # refused before any parameter was created
+    with pytest.raises(MemoryBudgetError, match="host RAM"):
+        OffloadEngine(model, unit_params, uniform_plan(2), optim=OptimConfig(), total_steps=1,
+                      micro_batch_shape=(BATCH, SEQ), compute_dtype=jnp.float32,
+                      budgets=Budgets(hbm_bytes=None, pinned_bytes=None, host_bytes=1000))
+
+
+def test_memory_estimate_follows_the_plan():
+    from lohan_jax.engine.memory import estimate_memory
+
+    kw = dict(unit_params=[1000, 5000, 5000, 10], compute_itemsize=2, micro_batch=4, seq_len=32, d_model=32,
+              d_ff=128, vocab_size=257, residual_nbytes=[4096, 4096], n_micro=1)
+    host = estimate_memory(uniform_plan(2), **kw)
+    hbm = estimate_memory(uniform_plan(2, optim_state="hbm"), **kw)
+    assert hbm.hbm["GPU optimizer state"] == host.hbm["GPU optimizer state"] + 12 * 10_000
+    assert host.host["fp32 master + Adam moments"] == 12 * 10_000 and hbm.host["fp32 master + Adam moments"] == 0
+    swapped = estimate_memory(uniform_plan(2, activations="recompute+swap_input"), **kw)
+    assert swapped.pinned["swapped block inputs"] == 2 * 4 * 32 * 32 * 2 and swapped.hbm["block inputs kept"] == 0
+    chunked = estimate_memory(uniform_plan(2, activations="recompute+chunks=4"), **kw)
+    assert chunked.hbm["block backward working memory"] < host.hbm["block backward working memory"]
+
+
+def test_wrong_parameter_shapes_name_the_unit():
+    spec = get_spec("gpt-tiny", n_layers=2)
+    model = build_model(spec, jnp.float32)
+    params = model.init(jax.random.key(0), SEQ)
+    params["blocks"][1]["fc"]["kernel"] = np.zeros((3, 3), np.float32)
+    with pytest.raises(ValueError, match="block1"):
+        OffloadEngine(model, params, uniform_plan(2), optim=OptimConfig(), total_steps=1,
+                      micro_batch_shape=(BATCH, SEQ), compute_dtype=jnp.float32)

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lohan_jax.engine.host_updates import HostWorker
+from lohan_jax.engine.layout import FlatLayout
+from lohan_jax.engine.memory import Budgets, check_budgets, estimate_memory, machine_budgets
 from lohan_jax.engine.programs import BlockProgram, EdgePrograms, make_accumulate, make_gpu_adamw
 from lohan_jax.engine.units import UnitState
 from lohan_jax.engine.watcher import CompletionWatcher
@@ -38,7 +40,8 @@ class OffloadEngine:
 
     def __init__(self, model: DecoderModel, params32: Params | Callable[[int], Any], plan: Plan, *, optim, total_steps: int,
                  micro_batch_shape: tuple[int, int], n_micro: int = 1, compute_dtype: Any = jnp.bfloat16,
-                 timeline: Timeline | None = None, device: jax.Device | None = None):
+                 timeline: Timeline | None = None, device: jax.Device | None = None,
+                 budgets: Budgets | None = None):
         from lohan_jax.optim.schedule import make_schedule
 
         if len(plan.blocks) != model.n_layers:
@@ -49,33 +52,42 @@ class OffloadEngine:
         self.spaces = MemorySpaces(device)
         self.timeline = timeline if timeline is not None else Timeline(enabled=False)
         self.watcher = CompletionWatcher(self.timeline)
-        self.worker = HostWorker(self.timeline)
         self.traffic: collections.Counter = collections.Counter()
         self._step = 0
         accumulate = n_micro > 1
         L = model.n_layers
         names = ["embed", *(f"block{i}" for i in range(L)), "head"]
+        b, s = micro_batch_shape
+        layouts = _abstract_layouts(model, s)
+        d = model.spec.d_model if model.spec is not None else _hidden_size(model, b, s)
+        x_aval = jax.ShapeDtypeStruct((b, s, d), compute_dtype)
+        programs: dict[Any, BlockProgram] = {}
+        self.block_programs = []
+        for layout, bp in zip(layouts[1:-1], plan.blocks):
+            key = (layout, bp.activations.save, bp.activations.chunks)
+            if key not in programs:
+                w_aval = jax.ShapeDtypeStruct((layout.size,), compute_dtype)
+                programs[key] = BlockProgram(model, layout, bp.activations, w_aval, x_aval)
+            self.block_programs.append(programs[key])
+        spec = model.spec
+        self.memory = estimate_memory(
+            plan, unit_params=[lay.size for lay in layouts], compute_itemsize=jnp.dtype(compute_dtype).itemsize,
+            micro_batch=b, seq_len=s, d_model=d, d_ff=spec.ff_dim if spec else 4 * d,
+            vocab_size=spec.vocab_size if spec else 0, residual_nbytes=[p.residual_nbytes for p in self.block_programs],
+            n_micro=n_micro)
+        check_budgets(self.memory, budgets if budgets is not None else machine_budgets(self.spaces.device))
+        log.info("memory plan:\n%s", self.memory.describe())
+        self.worker = HostWorker(self.timeline)
+
         if callable(params32):  # unit_params(k) -> tree: never more than one unit's fp32 copy in flight
             unit_params = params32
         else:
             trees = [params32["embed"], *params32["blocks"], params32["head"]]
             unit_params = trees.__getitem__
-        self.units = [UnitState.create(k, n, p, jax.tree.map(np.asarray, unit_params(k)), self.spaces,
+        self.units = [UnitState.create(k, n, p, _checked(unit_params(k), layouts[k], n), self.spaces,
                                        compute_dtype, accumulate)
                       for k, (n, p) in enumerate(zip(names, plan.units))]
         self.embed_u, self.block_us, self.head_u = self.units[0], self.units[1:-1], self.units[-1]
-
-        b, s = micro_batch_shape
-        d = model.spec.d_model if model.spec is not None else _hidden_size(model, self.embed_u, b, s)
-        x_aval = jax.ShapeDtypeStruct((b, s, d), compute_dtype)
-        programs: dict[Any, BlockProgram] = {}
-        self.block_programs = []
-        for u in self.block_us:
-            key = (u.layout, u.plan.activations.save, u.plan.activations.chunks)
-            if key not in programs:
-                w_aval = jax.ShapeDtypeStruct((u.layout.size,), compute_dtype)
-                programs[key] = BlockProgram(model, u.layout, u.plan.activations, w_aval, x_aval)
-            self.block_programs.append(programs[key])
         self.edges = EdgePrograms(model, self.embed_u.layout, self.head_u.layout)
         self._no_tied = jnp.zeros((1,), compute_dtype)
         self._gpu_adamw = {u.layout: make_gpu_adamw(u.layout, optim.b1, optim.b2, optim.eps, optim.weight_decay,
@@ -97,9 +109,11 @@ class OffloadEngine:
             edges_on_gpu=o.edges_on_gpu, prefetch_depth=o.prefetch_depth, keep_turn_blocks=o.keep_turn_blocks)
         if o.host_threads:
             host_adamw.set_num_threads(o.host_threads)
+        device = jax.devices()[0]
         return cls(model, params32, plan, optim=cfg.optim, total_steps=t.steps,
                    micro_batch_shape=(t.micro_batch_size, t.seq_len), n_micro=t.micro_batches,
-                   compute_dtype=compute_dtype, timeline=timeline)
+                   compute_dtype=compute_dtype, timeline=timeline, device=device,
+                   budgets=machine_budgets(device, o.hbm_budget_gib, o.host_budget_gib))
 
     # ---- weights -----------------------------------------------------------------------------------------
     def _wait_update(self, u: UnitState) -> None:
@@ -346,6 +360,25 @@ class _LazyNorm:
         return float(np.sqrt(sum(float(p) for p in self.parts)))
 
 
-def _hidden_size(model: DecoderModel, embed_u: UnitState, b: int, s: int) -> int:
-    tree = embed_u.layout.unflatten(jnp.zeros((embed_u.layout.size,), jnp.float32))
-    return jax.eval_shape(model.embed, tree, jax.ShapeDtypeStruct((b, s), jnp.int32)).shape[-1]
+def _hidden_size(model: DecoderModel, b: int, s: int) -> int:
+    embed = lambda: model.embed(model.init_unit(jax.random.key(0), 0, s), jnp.zeros((b, s), jnp.int32))
+    return jax.eval_shape(embed).shape[-1]
+
+
+def _checked(tree: Any, layout: FlatLayout, name: str) -> Any:
+    """The unit's parameters as numpy, after checking they have the model's structure and shapes."""
+    tree = jax.tree.map(np.asarray, tree)
+    got = FlatLayout.of(tree)
+    if got.treedef != layout.treedef or got.shapes != layout.shapes:
+        diffs = [f"{a} != {b}" for a, b in zip(got.shapes, layout.shapes) if a != b][:3]
+        raise ValueError(f"parameters of {name} do not match the model: "
+                         + (f"shapes {'; '.join(diffs)}" if diffs else f"structure {got.treedef} != {layout.treedef}"))
+    return tree
+
+
+def _abstract_layouts(model: DecoderModel, seq_len: int) -> list[FlatLayout]:
+    """Flat layouts of every unit from shapes alone (blocks share one module, hence one shape)."""
+    shape = lambda k: jax.eval_shape(lambda: model.init_unit(jax.random.key(0), k, seq_len))
+    embed, block, head = shape(0), shape(1), shape(model.n_layers + 1)
+    block_layout = FlatLayout.of(block)
+    return [FlatLayout.of(embed), *([block_layout] * model.n_layers), FlatLayout.of(head)]
