@@ -5,6 +5,7 @@ import dataclasses
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from lohan_jax.metrics import MetricsWriter, model_flops_per_token, paper_flops_
 from lohan_jax.models import build_model
 
 log = logging.getLogger(__name__)
+# The CPU backend cannot reuse some donated buffers; donation matters (and works) on the GPU.
+warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 
 @dataclasses.dataclass
