@@ -83,6 +83,13 @@ def run_training(cfg: Config, run_dir: Path | None = None, progress: bool = True
     params32 = model.init(jax.random.key(t.seed), t.seq_len)
     trainer = make_trainer(cfg, model, params32, compute_dtype)
     del params32
+    if hasattr(trainer, "memory"):  # the offloaded engine's accounting and plan, next to the config
+        run = json.loads((run_dir / "run.json").read_text())
+        m = trainer.memory
+        run.update({"mem/hbm_planned_gib": m.hbm_bytes / 2**30, "mem/host_pinned_gib": m.pinned_bytes / 2**30,
+                    "mem/host_gib": m.host_bytes / 2**30})
+        (run_dir / "run.json").write_text(json.dumps(run, indent=1))
+        trainer.plan.save(run_dir / "plan.json")
     try:
         return _loop(cfg, trainer, data, run_dir, device, progress)
     finally:

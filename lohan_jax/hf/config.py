@@ -123,3 +123,41 @@ def spec_from_hf_config(config: Mapping[str, Any]) -> ModelSpec:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unsupported HF config model_type={model_type!r}{hint} Supported: {', '.join(_READERS)}")
     return _READERS[model_type](config)
+
+
+# ---- the inverse: config.json for a spec (models trained from scratch, exported to transformers) ---------------
+_ACTIVATION_NAMES = {Activation.GELU: "gelu", Activation.GELU_TANH: "gelu_new", Activation.RELU: "relu",
+                     Activation.SILU: "silu"}
+
+
+def hf_config_from_spec(spec: ModelSpec, dtype: str = "float32") -> dict[str, Any]:
+    """A config.json dict that transformers builds `spec`'s model from: LLaMA for arch llama, GPT-2 for GPT
+    specs with positions from 0, OPT for positions from 2 (the same rule as `layout_of`).
+
+    spec_from_hf_config of the result equals `spec` up to its name (tested). Dropout is 0: we train without it.
+    """
+    s, act = spec, _ACTIVATION_NAMES[spec.activation]
+    common = {"vocab_size": s.vocab_size, "tie_word_embeddings": s.tie_embeddings, "torch_dtype": dtype}
+    if s.arch is Arch.LLAMA:
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": s.d_model,
+                "intermediate_size": s.ff_dim, "num_hidden_layers": s.n_layers, "num_attention_heads": s.n_heads,
+                "num_key_value_heads": s.kv_heads, "head_dim": s.head_dim, "max_position_embeddings": s.max_seq_len,
+                "rms_norm_eps": s.norm_eps, "hidden_act": act, "attention_bias": False, "mlp_bias": False,
+                "attention_dropout": 0.0, "initializer_range": s.init_std, "rope_theta": s.rope_theta,
+                "rope_parameters": {"rope_type": "default", "rope_theta": s.rope_theta}, **common}
+    if s.pos_offset == 0:
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": s.n_layers,
+                "n_embd": s.d_model, "n_head": s.n_heads, "n_inner": s.ff_dim, "n_positions": s.max_seq_len,
+                "activation_function": act, "layer_norm_epsilon": s.norm_eps, "initializer_range": s.init_std,
+                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, **common}
+    if s.pos_offset == 2:
+        if s.norm_eps != 1e-5:
+            raise ValueError(f"model.norm_eps={s.norm_eps} cannot be written as an OPT config: OPT's LayerNorms "
+                             "always use 1e-5")
+        return {"architectures": ["OPTForCausalLM"], "model_type": "opt", "hidden_size": s.d_model,
+                "ffn_dim": s.ff_dim, "num_hidden_layers": s.n_layers, "num_attention_heads": s.n_heads,
+                "max_position_embeddings": s.max_seq_len, "word_embed_proj_dim": s.d_model,
+                "do_layer_norm_before": True, "enable_bias": True, "layer_norm_elementwise_affine": True,
+                "activation_function": act, "init_std": s.init_std, "dropout": 0.0, "attention_dropout": 0.0,
+                **common}
+    raise ValueError(f"model.pos_offset={s.pos_offset} has no Hugging Face layout: GPT-2 uses 0, OPT uses 2")
