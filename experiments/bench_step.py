@@ -42,6 +42,11 @@ def parse_args(argv=None):
     p.add_argument("--activations", default="recompute")
     p.add_argument("--gpu-state-blocks", type=int, default=0,
                    help="hand plan: the last N blocks keep weights and Adam state in HBM, updated on the GPU")
+    p.add_argument("--disk-state-blocks", type=str, default="",
+                   help="hand plan: blocks A:B (python range) keep their Adam state on disk (needs --disk-path)")
+    p.add_argument("--disk-path", default="")
+    p.add_argument("--measure-disk-gib", type=float, default=0.0,
+                   help="measure the disk's raw direct-I/O write and read rate on this many GiB, in the same run")
     p.add_argument("--swap-input-blocks", type=int, default=-1,
                    help="hand plan: swap the inputs of only the first N blocks to host (-1: as --activations says)")
     p.add_argument("--prefetch", type=int, default=2)
@@ -104,6 +109,10 @@ def run(args) -> dict:
     tokens = args.batch * args.seq
     out: dict = {"params": spec.param_count()}
 
+    if args.measure_disk_gib and args.disk_path:
+        os.makedirs(args.disk_path, exist_ok=True)
+        out.update(measure_disk(args.disk_path, args.measure_disk_gib))
+        print("raw disk:", out, flush=True)
     if args.system == "reference":
         from lohan_jax.reference import ReferenceTrainer
         params = jax.jit(lambda k: model.init(k, args.seq))(jax.random.key(0))
@@ -132,6 +141,15 @@ def run(args) -> dict:
                tflops_paper=tokens * fp / step_s / 1e12, losses=losses, host_rss_peak_gib=_peak_rss_gib())
     if engine is not None:
         out.update({f"traffic_{k}_per_step": v for k, v in engine.traffic.items()})
+        m = engine.memory
+        out.update(placement_hbm_gib=m.hbm_bytes / 2**30, placement_pinned_gib=m.pinned_bytes / 2**30,
+                   placement_host_gib=m.host_bytes / 2**30)
+        if engine.store is not None:
+            c = engine.store.counters
+            n = max(len(times) - 1, 1)
+            out.update(disk_bytes=engine.store.nbytes_on_disk(), disk_read_gb_total=c.bytes_read / 1e9,
+                       disk_write_gb_total=c.bytes_written / 1e9,
+                       disk_gbps_achieved=(c.bytes_read + c.bytes_written) / 1e9 / (times[-1] - times[0]) if n else None)
         out["host_optim_busy_s_total"] = engine.worker.busy_s
         if args.timeline:
             out.update(_timeline_report(engine, Path(args.timeline), args))
@@ -159,6 +177,10 @@ def make_engine(args, model, spec, optim, b):
         gpu = dataclasses.replace(plan.blocks[0], weights=Tier.HBM, optim_state=Tier.HBM, update_on=UpdateOn.GPU)
         n = spec.n_layers - args.gpu_state_blocks
         plan = dataclasses.replace(plan, blocks=plan.blocks[:n] + (gpu,) * args.gpu_state_blocks)
+    if args.disk_state_blocks:
+        lo, hi = (int(v) for v in args.disk_state_blocks.split(":"))
+        disk = dataclasses.replace(plan.blocks[0], weights=Tier.HOST, optim_state=Tier.DISK, update_on=UpdateOn.CPU)
+        plan = dataclasses.replace(plan, blocks=tuple(disk if lo <= i < hi else u for i, u in enumerate(plan.blocks)))
     if args.swap_input_blocks >= 0:  # the first blocks' inputs are needed last: swap those, keep the rest
         swapped = [dataclasses.replace(u, activations=dataclasses.replace(u.activations, swap_input=i < args.swap_input_blocks))
                    for i, u in enumerate(plan.blocks)]
@@ -183,7 +205,7 @@ def make_engine(args, model, spec, optim, b):
     t0 = time.perf_counter()
     engine = OffloadEngine(model, unit_params, plan, optim=optim, total_steps=args.steps,
                            micro_batch_shape=(b, args.seq), n_micro=args.micro, compute_dtype=jnp.bfloat16,
-                           timeline=Timeline(enabled=False))
+                           timeline=Timeline(enabled=False), disk_path=args.disk_path or None)
     print(f"engine ready in {time.perf_counter() - t0:.1f}s; plan:\n{plan.table()}", flush=True)
     return engine
 
@@ -241,6 +263,31 @@ def _block_peak(engine, spec, b, args, tokens, achieved) -> dict:
     peak = b * args.seq / per_micro
     return {"block_ms": t_block * 1e3, "head_ms": t_head * 1e3, "block_peak_tokens_per_s": peak,
             "fraction_of_block_peak": achieved / peak}
+
+
+def measure_disk(path: str, gib: float) -> dict:
+    """Raw sequential direct-I/O write then read of `gib` GiB in 64 MiB blocks (the disk's own rate)."""
+    import mmap
+    block = 64 << 20
+    n = max(1, int(gib * 2**30 / block))
+    buf = mmap.mmap(-1, block)
+    buf.write(os.urandom(1 << 20) * 64)
+    f = os.path.join(path, "raw_disk_probe.bin")
+    fd = os.open(f, os.O_CREAT | os.O_WRONLY | os.O_TRUNC | getattr(os, "O_DIRECT", 0))
+    t0 = time.perf_counter()
+    for _ in range(n):
+        os.write(fd, buf)
+    os.fsync(fd)
+    os.close(fd)
+    write_gbps = n * block / 1e9 / (time.perf_counter() - t0)
+    fd = os.open(f, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    t0 = time.perf_counter()
+    for _ in range(n):
+        os.readv(fd, [buf])
+    os.close(fd)
+    read_gbps = n * block / 1e9 / (time.perf_counter() - t0)
+    os.remove(f)
+    return {"disk_raw_write_gbps": write_gbps, "disk_raw_read_gbps": read_gbps}
 
 
 def _peak_rss_gib() -> float:

@@ -30,7 +30,7 @@ def _run(engine_or_ref, batches):
     return losses, engine_or_ref.master_params()
 
 
-def _compare(model_name, plan_fn, n_micro=1, clip=0.0, dtype=jnp.float32, n_layers=3):
+def _compare(model_name, plan_fn, n_micro=1, clip=0.0, dtype=jnp.float32, n_layers=3, disk_path=None):
     spec = get_spec(model_name, n_layers=n_layers)
     model = build_model(spec, dtype)
     optim = OptimConfig(lr=3e-3, weight_decay=0.1, clip_norm=clip, warmup_steps=1)
@@ -39,7 +39,8 @@ def _compare(model_name, plan_fn, n_micro=1, clip=0.0, dtype=jnp.float32, n_laye
     params = model.init(jax.random.key(0), SEQ)
     ref_losses, ref_params = _run(ReferenceTrainer(model, params, optim, STEPS, dtype), batches)
     with OffloadEngine(model, params, plan_fn(spec.n_layers), optim=optim, total_steps=STEPS,
-                       micro_batch_shape=(BATCH // n_micro, SEQ), n_micro=n_micro, compute_dtype=dtype) as eng:
+                       micro_batch_shape=(BATCH // n_micro, SEQ), n_micro=n_micro, compute_dtype=dtype,
+                       disk_path=disk_path) as eng:
         losses, params_out = _run(eng, batches)
     return ref_losses, losses, ref_params, params_out
 
@@ -190,3 +191,21 @@ def test_wrong_parameter_shapes_name_the_unit():
     with pytest.raises(ValueError, match="block1"):
         OffloadEngine(model, params, uniform_plan(2), optim=OptimConfig(), total_steps=1,
                       micro_batch_shape=(BATCH, SEQ), compute_dtype=jnp.float32)
+
+
+DISK_CPU = UnitPlan(Tier.HOST, Tier.DISK, UpdateOn.CPU)
+DISK_CASES = {
+    "gpt-disk": ("gpt-tiny", lambda n: uniform_plan(n, optim_state="disk"), 1, 0.0),
+    "gpt-disk-mixed-accum-clip": ("gpt-tiny", lambda n: Plan(embed=DISK_CPU, head=GPU, blocks=(
+        _with(DISK_CPU, "recompute"), _with(HOST, "keep"), _with(dataclasses.replace(DISK_CPU, weights=Tier.HBM),
+                                                                 "recompute+swap_input"))), 2, 0.05),
+    "llama-disk-mixed": ("llama-tiny", lambda n: Plan(embed=GPU, head=DISK_CPU, blocks=(
+        _with(GPU, "keep"), _with(DISK_CPU, "recompute+chunks=2"), _with(DISK_CPU, "save:attn_ctx+swap"))), 1, 0.0),
+}
+
+
+@pytest.mark.parametrize("case", list(DISK_CASES))
+def test_engine_with_state_on_disk_matches_reference(case, tmp_path):
+    model_name, plan_fn, n_micro, clip = DISK_CASES[case]
+    _assert_close(*_compare(model_name, plan_fn, n_micro, clip, disk_path=str(tmp_path)), rtol=1e-5)
+    assert any(tmp_path.rglob("zarr.json"))

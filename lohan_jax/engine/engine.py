@@ -24,8 +24,9 @@ from lohan_jax.engine.units import UnitState
 from lohan_jax.engine.watcher import CompletionWatcher
 from lohan_jax.models import DecoderModel, Params
 from lohan_jax.optim import host_adamw
-from lohan_jax.plan import Plan
+from lohan_jax.plan import Plan, Tier
 from lohan_jax.tiers import MemorySpaces
+from lohan_jax.tiers.store import StateStore
 from lohan_jax.timeline import Timeline
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class OffloadEngine:
     def __init__(self, model: DecoderModel, params32: Params | Callable[[int], Any], plan: Plan, *, optim, total_steps: int,
                  micro_batch_shape: tuple[int, int], n_micro: int = 1, compute_dtype: Any = jnp.bfloat16,
                  timeline: Timeline | None = None, device: jax.Device | None = None,
-                 budgets: Budgets | None = None):
+                 budgets: Budgets | None = None, disk_path: str | None = None):
         from lohan_jax.optim.schedule import make_schedule
 
         if len(plan.blocks) != model.n_layers:
@@ -77,6 +78,15 @@ class OffloadEngine:
             n_micro=n_micro)
         check_budgets(self.memory, budgets if budgets is not None else machine_budgets(self.spaces.device))
         log.info("memory plan:\n%s", self.memory.describe())
+        self.store = None
+        disk_params = sum(lay.size for lay, u in zip(layouts, plan.units) if u.optim_state is Tier.DISK)
+        if disk_params:
+            if not disk_path:
+                raise ValueError("the plan keeps optimizer state on disk: set offload.disk_path to a directory "
+                                 "on a fast local disk (NVMe)")
+            StateStore.check_capacity(disk_path, 12 * disk_params)
+            self.store = StateStore(disk_path, timeline=self.timeline)
+        self._reads: dict[int, Any] = {}
         self.worker = HostWorker(self.timeline)
 
         if callable(params32):  # unit_params(k) -> tree: never more than one unit's fp32 copy in flight
@@ -85,7 +95,7 @@ class OffloadEngine:
             trees = [params32["embed"], *params32["blocks"], params32["head"]]
             unit_params = trees.__getitem__
         self.units = [UnitState.create(k, n, p, _checked(unit_params(k), layouts[k], n), self.spaces,
-                                       compute_dtype, accumulate)
+                                       compute_dtype, accumulate, self.store)
                       for k, (n, p) in enumerate(zip(names, plan.units))]
         self.embed_u, self.block_us, self.head_u = self.units[0], self.units[1:-1], self.units[-1]
         self.edges = EdgePrograms(model, self.embed_u.layout, self.head_u.layout)
@@ -113,7 +123,7 @@ class OffloadEngine:
         return cls(model, params32, plan, optim=cfg.optim, total_steps=t.steps,
                    micro_batch_shape=(t.micro_batch_size, t.seq_len), n_micro=t.micro_batches,
                    compute_dtype=compute_dtype, timeline=timeline, device=device,
-                   budgets=machine_budgets(device, o.hbm_budget_gib, o.host_budget_gib))
+                   budgets=machine_budgets(device, o.hbm_budget_gib, o.host_budget_gib), disk_path=o.disk_path or None)
 
     # ---- weights -----------------------------------------------------------------------------------------
     def _wait_update(self, u: UnitState) -> None:
@@ -156,7 +166,11 @@ class OffloadEngine:
             self._finish_deferred(lr, count, clip, sq_parts)
         self._step += 1
         loss = functools.reduce(jnp.add, losses)
-        return {"loss": loss, "grad_norm": _LazyNorm(self, sq_parts), "lr": lr,
+        disk = {}
+        if self.store is not None:  # cumulative: the writes of a step land during the next one
+            c = self.store.counters
+            disk = {"disk/read_gb_total": c.bytes_read / 1e9, "disk/write_gb_total": c.bytes_written / 1e9}
+        return {"loss": loss, "grad_norm": _LazyNorm(self, sq_parts), "lr": lr, **disk,
                 **{f"traffic/{k[:-6]}_gb": v / 1e9 for k, v in self.traffic.items()}}
 
     def _forward_backward(self, mb, m: int, lr: float, count: int, clip: bool, sq_parts: list) -> jax.Array:
@@ -190,6 +204,9 @@ class OffloadEngine:
         self.watcher.watch("gpu", "head", sq_head)
         del x, w_head, w_tied
         self._on_grad(self.head_u, g_head, sq_head, m, lr, count, clip, sq_parts)
+        if m == self.n_micro - 1:  # optimizer state on disk: reads issued in backward order, ahead of the grads
+            for j in range(L - 1, max(-1, L - 2 - depth), -1):
+                self._prefetch_state(self.block_us[j])
         back: dict[int, tuple] = {}
         for i in reversed(range(L)):  # ---- backward
             for j in range(i, max(-1, i - depth - 1), -1):
@@ -200,6 +217,8 @@ class OffloadEngine:
                     r_j = [self._swap_in(a, "residual", j) for a in res[j]] if act.swap and res[j] else res[j]
                     ckpt[j] = res[j] = None
                     back[j] = (w, x_j, r_j)
+            if m == self.n_micro - 1 and i - depth - 1 >= 0:
+                self._prefetch_state(self.block_us[i - depth - 1])
             w, x_i, r_i = back.pop(i)
             dx, g, sq = self.block_programs[i].bwd(w, x_i, r_i, dx)
             self.watcher.watch("gpu", f"bwd:{i}", sq)
@@ -278,20 +297,39 @@ class OffloadEngine:
         u.dev_acc = None
         self.watcher.watch("gpu", f"update:{u.name}", u.dev_w)
 
-    def _submit_update(self, u: UnitState, g_host: Any, lr: float, count: int, scale: float) -> None:
-        u.ready = self.worker.submit(u.index, f"update:{u.name}", g_host,
-                                     functools.partial(self._host_update, u, lr, count, scale))
+    def _prefetch_state(self, u: UnitState) -> None:
+        """Issue the disk read of a unit's state, unless issued or its previous write is still in flight
+        (then the update task reads it itself, after the write)."""
+        if u.on_disk and u.index not in self._reads and (u.write is None or u.write.done()):
+            self._reads[u.index] = self.store.read(u.name)
 
-    def _host_update(self, u: UnitState, lr: float, count: int, scale: float, g_host: Any) -> None:
-        """Worker thread: fused AdamW from the landed gradient (or the accumulator) into the pinned weights."""
+    def _submit_update(self, u: UnitState, g_host: Any, lr: float, count: int, scale: float) -> None:
+        read = self._reads.pop(u.index, None) if u.on_disk else None
+        u.ready = self.worker.submit(u.index, f"update:{u.name}", g_host,
+                                     functools.partial(self._host_update, u, lr, count, scale, read=read), deps=read)
+
+    def _host_update(self, u: UnitState, lr: float, count: int, scale: float, g_host: Any, read: Any = None) -> None:
+        """Worker thread: fused AdamW from the landed gradient (or the accumulator) into the pinned weights.
+        State on disk is read (ahead, normally), updated in the staging array and written back behind."""
         grad = u.acc if g_host is None else _as_kernel_array(np.asarray(g_host))
+        if u.on_disk:
+            if read is None:
+                if u.write is not None:
+                    u.write.result()
+                read = self.store.read(u.name)
+            state = read.result()
+            master, mu, nu = state[0], state[1], state[2]
+        else:
+            master, mu, nu = u.master, u.mu, u.nu
         bf16_out = u.host_w.view.dtype.itemsize == 2
         bounds, decay = u.layout.segments(self.optim.weight_decay)
-        host_adamw.adamw_update_(u.master, u.mu, u.nu, grad, u.host_w.view.view(np.uint16) if bf16_out else None,
+        host_adamw.adamw_update_(master, mu, nu, grad, u.host_w.view.view(np.uint16) if bf16_out else None,
                                  lr=lr, b1=self.optim.b1, b2=self.optim.b2, eps=self.optim.eps, count=count,
                                  seg_bounds=bounds, seg_decay=decay, grad_scale=scale)
         if not bf16_out:
-            np.copyto(u.host_w.view, u.master)
+            np.copyto(u.host_w.view, master)
+        if u.on_disk:
+            u.write = self.store.write(u.name, state)
         if not u.streamed:
             u.stale = True
 
@@ -303,7 +341,7 @@ class OffloadEngine:
         if last:
             u.sq_host = float(np.dot(u.acc.astype(np.float64), u.acc.astype(np.float64)))
             if update is not None:
-                self._host_update(u, update[0], update[1], 1.0, None)
+                self._host_update(u, update[0], update[1], 1.0, None, read=self._reads.pop(u.index, None))
 
     # ---- evaluation and state ----------------------------------------------------------------------------
     def eval_loss(self, batch: dict[str, Any]) -> jax.Array:
@@ -321,7 +359,7 @@ class OffloadEngine:
     def master_params(self) -> Params:
         """fp32 master weights as numpy trees, after every pending update."""
         self.worker.drain()
-        trees = [u.master_tree() for u in self.units]
+        trees = [u.master_tree(self.store) for u in self.units]
         return {"embed": trees[0], "blocks": trees[1:-1], "head": trees[-1]}
 
     def close(self) -> None:

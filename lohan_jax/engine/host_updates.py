@@ -22,10 +22,11 @@ class HostTask:
     grad: Any  # a pinned-host jax array the task reads (None: nothing to wait for)
     fn: Callable[[Any], None]  # called with the grad (or None) on the worker thread
     seq: int = 0
+    deps: Any = None  # something else the task reads (a disk read future): landed once done()
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def landed(self) -> bool:
-        return self.grad is None or self.grad.is_ready()
+        return (self.grad is None or self.grad.is_ready()) and (self.deps is None or self.deps.done())
 
 
 class HostWorker:
@@ -42,8 +43,8 @@ class HostWorker:
         self._thread = threading.Thread(target=self._run, name="lohan-host-optim", daemon=True)
         self._thread.start()
 
-    def submit(self, key: int, name: str, grad: Any, fn: Callable[[Any], None]) -> threading.Event:
-        task = HostTask(key, name, grad, fn, next(self._seq))
+    def submit(self, key: int, name: str, grad: Any, fn: Callable[[Any], None], deps: Any = None) -> threading.Event:
+        task = HostTask(key, name, grad, fn, next(self._seq), deps)
         with self._cv:
             self._check()
             self._pending.append(task)

@@ -72,8 +72,11 @@ def estimate_memory(plan: Plan, *, unit_params: list[int], compute_itemsize: int
         "swapped block inputs": sum(ckpt for b in blocks if b.activations.swap_input),
         "swapped residuals": sum(r for b, r in zip(blocks, residual_nbytes) if b.activations.swap),
     }
+    on_disk = [n for u, n in zip(units, unit_params) if u.optim_state is Tier.DISK]
     host = {
-        "fp32 master + Adam moments": sum(12 * n for u, n in zip(units, unit_params) if u.update_on is UpdateOn.CPU),
+        "fp32 master + Adam moments": sum(12 * n for u, n in zip(units, unit_params)
+                                          if u.update_on is UpdateOn.CPU and u.optim_state is Tier.HOST),
+        "disk state staging": (plan.prefetch_depth + 2) * 12 * max(on_disk, default=0),
         "gradient accumulators": sum(4 * n for u, n in zip(units, unit_params)
                                      if u.update_on is UpdateOn.CPU and n_micro > 1),
     }

@@ -31,7 +31,12 @@ class UnitState:
     ready: threading.Event | None = None  # set when the pending host update has finished
     stale: bool = False  # hbm weights must be re-uploaded from host_w after a host update
     held_grad: Any = None  # gradient waiting for the global norm (clipping)
+    write: Any = None  # the pending disk write of this unit's state (disk tier)
     sq_host: float = 0.0  # squared norm of the accumulated host gradient
+
+    @property
+    def on_disk(self) -> bool:
+        return self.plan.optim_state is Tier.DISK
 
     @property
     def host_updated(self) -> bool:
@@ -43,13 +48,19 @@ class UnitState:
 
     @classmethod
     def create(cls, index: int, name: str, plan: UnitPlan, tree32: Any, spaces: MemorySpaces, compute_dtype: Any,
-               accumulate: bool) -> UnitState:
+               accumulate: bool, store: Any = None) -> UnitState:
         layout = FlatLayout.of(tree32)
         master = layout.flatten_np(tree32, np.float32)
         w = master.astype(ml_dtypes.bfloat16 if np.dtype(compute_dtype) == np.dtype(ml_dtypes.bfloat16)
                           else np.float32)
         u = cls(index, name, plan, layout)
-        if u.host_updated:
+        if u.on_disk:  # written once at start (one unit in RAM at a time), then read and written per update
+            store.write(name, np.stack([master, np.zeros_like(master), np.zeros_like(master)])).result()
+            u.acc = np.zeros_like(master) if accumulate else None
+            u.host_w = HostBuffer(spaces, w)
+            if not u.streamed:
+                u.dev_w = spaces.to_hbm(u.host_w.array)
+        elif u.host_updated:
             u.master, u.mu, u.nu = master, np.zeros_like(master), np.zeros_like(master)
             u.acc = np.zeros_like(master) if accumulate else None
             u.host_w = HostBuffer(spaces, w)
@@ -60,8 +71,13 @@ class UnitState:
             u.dev_w = spaces.to_hbm(w)
         return u
 
-    def master_tree(self) -> Any:
-        flat = self.master if self.host_updated else np.asarray(self.dev_state[0])
+    def master_tree(self, store: Any = None) -> Any:
+        if self.on_disk:
+            if self.write is not None:
+                self.write.result()
+            flat = store.read(self.name).result()[0]
+        else:
+            flat = self.master if self.host_updated else np.asarray(self.dev_state[0])
         return self.layout.unflatten(np.array(flat, copy=True))
 
     @property
