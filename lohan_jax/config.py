@@ -108,7 +108,8 @@ class OffloadConfig:
 
     plan_file: str = ""  # a plan saved as JSON (Plan.save); overrides the uniform fields
     weights: str = "host"  # bf16 weights of the blocks: host (streamed each use) or hbm (resident)
-    optim_state: str = "host"  # fp32 master + Adam moments of the blocks: host (CPU AdamW) or hbm (GPU AdamW)
+    optim_state: str = "host"  # fp32 master + Adam moments of the blocks: host / disk (CPU AdamW), hbm (GPU AdamW)
+    disk_path: str = ""  # directory for optimizer state on disk (TensorStore); needed when any state is on disk
     activations: str = "recompute"  # keep | recompute | save:name1,name2 ; optionally +swap, +swap_input
     edges_on_gpu: bool = True  # embedding and head resident in HBM and updated there
     prefetch_depth: int = 2  # weight and activation uploads issued this many blocks ahead
@@ -120,7 +121,10 @@ class OffloadConfig:
 
     def __post_init__(self):
         _check(self.weights in ("host", "hbm"), "offload.weights", self.weights, "must be host or hbm")
-        _check(self.optim_state in ("host", "hbm"), "offload.optim_state", self.optim_state, "must be host or hbm")
+        _check(self.optim_state in ("host", "hbm", "disk"), "offload.optim_state", self.optim_state,
+               "must be host, hbm or disk")
+        _check(self.optim_state != "disk" or bool(self.disk_path), "offload.disk_path", self.disk_path,
+               "must name a directory when offload.optim_state=disk")
         _check(self.prefetch_depth >= 1, "offload.prefetch_depth", self.prefetch_depth, "must be >= 1")
         _check(self.keep_turn_blocks >= 0, "offload.keep_turn_blocks", self.keep_turn_blocks, "must be >= 0")
         _check(self.host_threads >= 0, "offload.host_threads", self.host_threads, "must be >= 0")
@@ -134,12 +138,28 @@ class OffloadConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class HFConfig:
+    """Hugging Face checkpoints: start from one, and write the trained weights back as one (lohan_jax.hf)."""
+
+    checkpoint: str = ""  # HF checkpoint directory to start from; its config.json gives the model ("" = random init)
+    export_dir: str = ""  # after the last step, write the weights here as an HF checkpoint ("" = no export)
+    export_dtype: str = "auto"  # auto (the checkpoint's dtype, else float32), float32, bfloat16 or float16
+    export_shard_gib: float = 5.0  # safetensors shards of at most this size (save_pretrained's default)
+
+    def __post_init__(self):
+        _check(self.export_dtype in ("auto", "float32", "bfloat16", "float16"), "hf.export_dtype",
+               self.export_dtype, "must be auto, float32, bfloat16 or float16")
+        _check(self.export_shard_gib > 0, "hf.export_shard_gib", self.export_shard_gib, "must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelSpec = dataclasses.field(default_factory=lambda: get_spec("gpt-small"))
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     offload: OffloadConfig = dataclasses.field(default_factory=OffloadConfig)
+    hf: HFConfig = dataclasses.field(default_factory=HFConfig)
 
     def __post_init__(self):
         _check(self.train.seq_len <= self.model.max_seq_len,
@@ -189,15 +209,22 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     for name, value in raw.items():
         if not isinstance(value, dict):
             raise ConfigError(f"section {name!r} must be a mapping of keys, got {value!r}")
-        kwargs[name] = _model_from_dict(value) if name == "model" else _from_dict(_SECTION_TYPES[name], value, name)
+        if name != "model":
+            kwargs[name] = _from_dict(_SECTION_TYPES[name], value, name)
+    checkpoint = kwargs["hf"].checkpoint if "hf" in kwargs else ""
+    if "model" in raw or checkpoint:  # hf.checkpoint first: with one, config.json describes the model
+        kwargs["model"] = _model_from_dict(raw.get("model", {}), checkpoint)
     return Config(**kwargs)
 
 
-_SECTION_TYPES = {"train": TrainConfig, "optim": OptimConfig, "data": DataConfig, "offload": OffloadConfig}
+_SECTION_TYPES = {"train": TrainConfig, "optim": OptimConfig, "data": DataConfig, "offload": OffloadConfig,
+                  "hf": HFConfig}
 
 
-def _model_from_dict(raw: dict[str, Any]) -> ModelSpec:
+def _model_from_dict(raw: dict[str, Any], hf_checkpoint: str = "") -> ModelSpec:
     raw = dict(raw)
+    if hf_checkpoint:
+        return _model_from_checkpoint(raw, hf_checkpoint)
     name = raw.pop("name", "gpt-small")
     fields = {f.name: f for f in dataclasses.fields(ModelSpec)}
     _reject_unknown(raw, fields, "model.")
@@ -211,6 +238,21 @@ def _model_from_dict(raw: dict[str, Any]) -> ModelSpec:
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _model_from_checkpoint(raw: dict[str, Any], hf_checkpoint: str) -> ModelSpec:
+    """The spec of hf.checkpoint's config.json (named after its directory); model.* keys replace its fields."""
+    from lohan_jax.hf.checkpoint import spec_from_checkpoint
+
+    _reject_unknown(raw, {f.name: f for f in dataclasses.fields(ModelSpec)}, "model.")
+    hints = typing.get_type_hints(ModelSpec)
+    try:
+        return dataclasses.replace(spec_from_checkpoint(hf_checkpoint),
+                                   **{k: _coerce(v, hints[k], f"model.{k}") for k, v in raw.items()})
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"hf.checkpoint: {e}") from None
 
 
 def _from_dict(cls: type, raw: dict[str, Any], prefix: str) -> Any:
