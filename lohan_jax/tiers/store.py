@@ -80,11 +80,13 @@ class StateStore:
         except Exception as e:
             raise StoreError(f"writing the optimizer state of {name} to {self.root / name} failed: {e}") from e
         fut = arr.write(state)
+        finished = threading.Event()  # set after the bookkeeping below, so done() implies the new generation
 
         def done(f):
             try:
                 f.result()
             except Exception:  # keep the old generation; result() reports the error to the waiter
+                finished.set()
                 return
             with self._lock:
                 old, self._gen[name], self._n[name] = self._gen.get(name), gen, n
@@ -94,9 +96,10 @@ class StateStore:
                 self._timeline.add("disk", f"write:{name}", t0, time.perf_counter(), bytes=state.nbytes)
             if old is not None:
                 shutil.rmtree(self.root / name / f"gen{old}", ignore_errors=True)
+            finished.set()
 
         fut.add_done_callback(done)
-        return _Checked(fut, f"writing the optimizer state of {name} to {self.root / name}")
+        return _Checked(fut, f"writing the optimizer state of {name} to {self.root / name}", finished)
 
     def read(self, name: str) -> _Checked:
         """Asynchronously read the unit's current state; result() is the [3, n] array or a StoreError."""
@@ -130,15 +133,18 @@ class StateStore:
 
 
 class _Checked:
-    """A TensorStore future whose failure becomes a StoreError naming the unit and the path."""
+    """A TensorStore future whose failure becomes a StoreError naming the unit and the path. With `finished`,
+    done() and result() also wait for the completion callback (a write's generation switch)."""
 
-    def __init__(self, fut: Any, what: str):
-        self._fut, self._what = fut, what
+    def __init__(self, fut: Any, what: str, finished: threading.Event | None = None):
+        self._fut, self._what, self._finished = fut, what, finished
 
     def done(self) -> bool:
-        return self._fut.done()
+        return self._fut.done() and (self._finished is None or self._finished.is_set())
 
     def result(self) -> Any:
+        if self._finished is not None:
+            self._finished.wait()
         try:
             return self._fut.result()
         except Exception as e:
