@@ -69,3 +69,13 @@ def test_capacity_is_checked_before_writing(tmp_path):
     with pytest.raises(StoreError, match=r"GiB free but the plan puts .* offload.disk_path"):
         StateStore.check_capacity(tmp_path, 1 << 62)
     StateStore.check_capacity(tmp_path, 1 << 20)
+
+
+def test_writes_in_flight_are_bounded(tmp_path):
+    s = StateStore(tmp_path, max_writes_in_flight=2)
+    futures = [s.write(f"block{i}", _state(20000, i)) for i in range(6)]  # blocks until slots free up
+    for f in futures:
+        f.result()
+    assert s._write_slots._value == 2  # every slot given back
+    for i in range(6):
+        np.testing.assert_array_equal(s.read(f"block{i}").result(), _state(20000, i))

@@ -76,7 +76,8 @@ def estimate_memory(plan: Plan, *, unit_params: list[int], compute_itemsize: int
     host = {
         "fp32 master + Adam moments": sum(12 * n for u, n in zip(units, unit_params)
                                           if u.update_on is UpdateOn.CPU and u.optim_state is Tier.HOST),
-        "disk state staging": (plan.prefetch_depth + 2) * 12 * max(on_disk, default=0),
+        # reads in flight (prefetch_depth + 1) and writes in flight (2, each with TensorStore's encoded copy)
+        "disk state staging": (plan.prefetch_depth + 5) * 12 * max(on_disk, default=0),
         "gradient accumulators": sum(4 * n for u, n in zip(units, unit_params)
                                      if u.update_on is UpdateOn.CPU and n_micro > 1),
     }

@@ -34,7 +34,8 @@ class DiskCounters:
 
 
 class StateStore:
-    def __init__(self, root: str | Path, *, io_concurrency: int = 8, timeline: Any = None):
+    def __init__(self, root: str | Path, *, io_concurrency: int = 8, max_writes_in_flight: int = 2,
+                 timeline: Any = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._context = ts.Context({"file_io_concurrency": {"limit": io_concurrency}})
@@ -43,6 +44,10 @@ class StateStore:
         self._lock = threading.Lock()
         self.counters = DiskCounters()
         self._timeline = timeline
+        # Backpressure: each write in flight holds its [3, n] staging array and TensorStore's encoded chunks;
+        # without a bound a slow disk lets them pile up (12 x 7.5 GB for 13B blocks: the host OOM of 2026-11-25).
+        self._write_slots = threading.BoundedSemaphore(max_writes_in_flight)
+        self.max_writes_in_flight = max_writes_in_flight
 
     # ---- capacity --------------------------------------------------------------------------------------
     @staticmethod
@@ -74,15 +79,18 @@ class StateStore:
         with self._lock:
             gen = self._gen.get(name, -1) + 1
         n = state.shape[1]
+        self._write_slots.acquire()  # blocks the caller (the optimizer worker) while the disk catches up
         t0 = time.perf_counter()
         try:
             arr = ts.open(self._spec(name, gen, n), create=True, delete_existing=True, context=self._context).result()
+            fut = arr.write(state)
         except Exception as e:
+            self._write_slots.release()
             raise StoreError(f"writing the optimizer state of {name} to {self.root / name} failed: {e}") from e
-        fut = arr.write(state)
         finished = threading.Event()  # set after the bookkeeping below, so done() implies the new generation
 
         def done(f):
+            self._write_slots.release()
             try:
                 f.result()
             except Exception:  # keep the old generation; result() reports the error to the waiter
