@@ -1,4 +1,4 @@
-"""The `lohan-jax` command line: train (more subcommands join as they land)."""
+"""The `lohan-jax` command line: train, models, prepare, report (more subcommands join as they land)."""
 from __future__ import annotations
 
 import argparse
@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
     models = sub.add_parser("models", help="list the named model sizes")
     models.set_defaults(func=_models)
+    from lohan_jax import prepare, report  # neither imports jax
+    prepare.add_parser(sub)  # lohan-jax prepare: text/JSONL -> packed token files
+    report.add_parser(sub)  # lohan-jax report: run directory -> report.md + plots
     return parser
 
 

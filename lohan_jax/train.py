@@ -69,8 +69,12 @@ def run_training(cfg: Config, run_dir: Path | None = None, progress: bool = True
     model = build_model(cfg.model, compute_dtype, attention)
     data = open_dataset(cfg.data.source, tokenizer=load_tokenizer(cfg.data.tokenizer), seq_len=t.seq_len,
                         batch_size=t.micro_batch_size, seed=t.seed, eval_fraction=cfg.data.eval_fraction,
-                        token_dtype=cfg.data.token_dtype or None, vocab_size=cfg.model.vocab_size)
+                        token_dtype=cfg.data.token_dtype or None, vocab_size=cfg.model.vocab_size,
+                        micro_batches=t.micro_batches)
     data.check_vocab(cfg.model.vocab_size)
+    if cfg.hf.export_dir:  # [hf] fail now, not after the last step
+        from lohan_jax.hf.training import check_export_dir
+        check_export_dir(cfg)
 
     run_dir = Path(run_dir) if run_dir is not None else make_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -80,7 +84,11 @@ def run_training(cfg: Config, run_dir: Path | None = None, progress: bool = True
         {"device": device.device_kind, "backend": jax.default_backend(), "jax_version": jax.__version__,
          "params": cfg.model.param_count()}, indent=1))
 
-    params32 = model.init(jax.random.key(t.seed), t.seq_len)
+    if cfg.hf.checkpoint:  # [hf] the offload engine reads the checkpoint one unit at a time
+        from lohan_jax.hf.training import initial_params
+        params32 = initial_params(cfg, streamed=cfg.train.engine is EngineKind.OFFLOAD)
+    else:
+        params32 = model.init(jax.random.key(t.seed), t.seq_len)
     trainer = make_trainer(cfg, model, params32, compute_dtype)
     del params32
     if hasattr(trainer, "memory"):  # the offloaded engine's accounting and plan, next to the config
@@ -134,19 +142,22 @@ def _loop(cfg: Config, trainer, data, run_dir: Path, device, progress: bool) -> 
                        "perf/tflops_paper": tokens_per_step * flops_paper / step_s / 1e12}
                 if peak:
                     row["perf/mfu"] = row["perf/tflops"] / peak
-                row.update({k: float(v) for k, v in metrics.items() if k.startswith(("traffic/", "time/", "mem/"))})
+                row.update({k: float(v) for k, v in metrics.items() if k.startswith(("traffic/", "time/", "mem/", "disk/"))})
                 if prev % t.log_every == 0 or prev == t.steps - 1:
                     writer.write(prev, row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['perf/tokens_per_s']:.0f}",
-                                tflops=f"{row['perf/tflops']:.2f}")
+                                tflops=f"{row['perf/tflops']:.2f}",
+                                **({"mfu": f"{row['perf/mfu']:.1%}"} if "perf/mfu" in row else {}))
                 if t.eval_every and (prev + 1) % t.eval_every == 0 and prev + 1 < t.steps and data.num_eval_windows:
-                    writer.write(prev, {"eval/loss": _evaluate(trainer, data, t.eval_batches)})
+                    eval_now = _evaluate(trainer, data, t.eval_batches)
+                    writer.write(prev, {"eval/loss": eval_now, "eval/ppl": _perplexity(eval_now)})
             pending = (step, out) if out is not None else None
         bar.close()
         eval_loss = _evaluate(trainer, data, t.eval_batches)
         median_s = float(np.median(step_times)) if step_times else float("nan")
-        summary = {"eval/loss": eval_loss, "perf/tokens_per_s": tokens_per_step / median_s,
+        summary = {"eval/loss": eval_loss, "eval/ppl": _perplexity(eval_loss),
+                   "perf/tokens_per_s": tokens_per_step / median_s,
                    "perf/tflops": tokens_per_step * flops_6n / median_s / 1e12,
                    "perf/tflops_paper": tokens_per_step * flops_paper / median_s / 1e12, "perf/step_s": median_s}
         if peak:
@@ -155,6 +166,9 @@ def _loop(cfg: Config, trainer, data, run_dir: Path, device, progress: bool) -> 
     print(f"done: {t.steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, eval loss {eval_loss:.3f}, "
           f"{summary['perf/tokens_per_s']:.0f} tokens/s, {summary['perf/tflops']:.3f} TFLOPS "
           f"({summary['perf/tflops_paper']:.3f} by the paper's convention); run dir {run_dir}")
+    if cfg.hf.export_dir:  # [hf] unit by unit from the trainer's master weights
+        from lohan_jax.hf.training import export_trained
+        export_trained(cfg, trainer)
     params = trainer.master_params()
     return TrainResult(run_dir, losses, eval_loss, summary["perf/tokens_per_s"], params)
 
@@ -173,8 +187,15 @@ def _write_timeline(trainer, metrics, run_dir: Path, step: int) -> None:
 def _evaluate(trainer, data, n_batches: int) -> float:
     if data.num_eval_windows == 0:  # data.eval_fraction=0: no held-out split, no evaluation
         return float("nan")
-    losses = [float(trainer.eval_loss(step_batch(_Fixed(b), 0, 1))) for b in data.eval_batches(n_batches)]
-    return float(np.mean(losses)) if losses else float("nan")
+    batches = list(data.eval_batches(n_batches))
+    losses = [float(trainer.eval_loss(step_batch(_Fixed(b), 0, 1))) for b in batches]
+    counts = [float(b["loss_mask"].sum()) for b in batches]  # masked data: weight each batch by its loss tokens
+    return float(np.average(losses, weights=counts)) if losses and sum(counts) > 0 else float("nan")
+
+
+def _perplexity(loss: float) -> float:
+    """exp(mean held-out token loss); capped so that a diverged run logs a huge number, not an overflow."""
+    return float(np.exp(min(loss, 700.0))) if np.isfinite(loss) else float("nan")
 
 
 class _Fixed:

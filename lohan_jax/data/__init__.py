@@ -1,6 +1,7 @@
 """Data pipeline: tokenizers, token sources and deterministic batches for training and evaluation."""
 
 from lohan_jax.data.dataset import Batch, SyntheticTokenDataset, TokenDataset
+from lohan_jax.data.packed import PackedDataset
 from lohan_jax.data.sources import BUILTIN_CORPORA, SOURCES_ACCEPTED, encode_documents, open_dataset, pydoc_documents
 from lohan_jax.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
@@ -10,6 +11,7 @@ __all__ = [
     "Batch",
     "ByteTokenizer",
     "HFTokenizer",
+    "PackedDataset",
     "SyntheticTokenDataset",
     "TokenDataset",
     "Tokenizer",

@@ -20,14 +20,22 @@ SCAN_CHUNK_TOKENS = 1 << 24
 EVAL_KEY_TAG = 0x6576616C  # "eval" in ASCII
 
 
-def windows_to_batch(windows_BT: np.ndarray) -> Batch:
-    """Splits windows of seq_len + 1 tokens into next-token inputs and targets with a full loss mask."""
+def windows_to_batch(windows_BT: np.ndarray, mask_BT: np.ndarray | None = None) -> Batch:
+    """Splits windows of seq_len + 1 tokens into next-token inputs and targets.
+
+    `mask_BT` (parallel to the windows, 1 = learn to predict this token) gives the loss mask of the targets,
+    e.g. responses only for instruction data; without one every target counts.
+    """
     windows_BT = windows_BT.astype(np.int32, copy=False)
     tokens_BS = windows_BT[:, :-1]
+    if mask_BT is None:
+        loss_mask = np.ones(tokens_BS.shape, dtype=np.float32)
+    else:
+        loss_mask = np.ascontiguousarray(mask_BT[:, 1:], dtype=np.float32)
     return dict(
         tokens=np.ascontiguousarray(tokens_BS),
         targets=np.ascontiguousarray(windows_BT[:, 1:]),
-        loss_mask=np.ones(tokens_BS.shape, dtype=np.float32),
+        loss_mask=loss_mask,
     )
 
 
@@ -47,7 +55,9 @@ class TokenDataset:
 
     Training batch (step, micro) is B windows of S + 1 tokens whose starts come from
     np.random.default_rng([seed, step, micro]), drawn so that every window lies inside the head; the last
-    `eval_fraction` of the stream is read only by `eval_batches`, in order, with stride S.
+    `eval_fraction` of the stream is read only by `eval_batches`, in order, with stride S. A batch is a pure
+    function of (seed, step, micro): a run resumed at step k reads exactly the batches it would have read.
+    `mask` (optional, parallel to the stream, 1 = learn to predict this token) becomes the batches' loss_mask.
     """
 
     def __init__(
@@ -60,6 +70,7 @@ class TokenDataset:
         vocab_size: int | None = None,
         eval_fraction: float = 0.01,
         name: str = "tokens",
+        mask: np.ndarray | None = None,
     ):
         _check_positive("seq_len", seq_len)
         _check_positive("batch_size", batch_size)
@@ -70,7 +81,10 @@ class TokenDataset:
             _check_positive("vocab_size", vocab_size)
         if stream.ndim != 1:
             raise ValueError(f"{name}: token stream must be 1-D, got shape {stream.shape}")
-        self.stream = stream
+        if mask is not None and mask.shape != stream.shape:
+            raise ValueError(f"{name}: the loss mask has {mask.shape[0]} entries but the stream has "
+                             f"{stream.shape[0]} tokens")
+        self.stream, self.mask = stream, mask
         self.seq_len, self.batch_size, self.seed = int(seq_len), int(batch_size), int(seed)
         self.eval_fraction = float(eval_fraction)
         self.name = name
@@ -129,7 +143,7 @@ class TokenDataset:
         """Training batch for (seed, step, micro): tokens/targets int32[B, S], loss_mask float32[B, S]."""
         _check_index("step", step)
         _check_index("micro", micro)
-        return windows_to_batch(self._train_windows(step, micro))
+        return self._batch_at(self._train_index(step, micro))
 
     def eval_batches(self, num_batches: int) -> Iterator[Batch]:
         """Yields `num_batches` batches from the held-out tail, the same ones on every call.
@@ -150,21 +164,25 @@ class TokenDataset:
                 self.num_eval_windows,
             )
         for batch_index in range(num_batches):
-            yield windows_to_batch(self._eval_windows(batch_index))
+            yield self._batch_at(self._eval_index(batch_index))
 
-    def _train_windows(self, step: int, micro: int) -> np.ndarray:
+    # A batch's index says which B windows it holds: their start offsets here, an rng key for synthetic data.
+    def _train_index(self, step: int, micro: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, step, micro])
         # Exclusive high bound: the last start is num_train_tokens - (S + 1), so a window ends inside the head.
-        starts = rng.integers(0, self.num_train_tokens - self.seq_len, size=self.batch_size)
-        return self._windows_at(starts)
+        return rng.integers(0, self.num_train_tokens - self.seq_len, size=self.batch_size)
 
-    def _eval_windows(self, batch_index: int) -> np.ndarray:
+    def _eval_index(self, batch_index: int) -> np.ndarray:
         window_index = (batch_index * self.batch_size + np.arange(self.batch_size)) % self.num_eval_windows
-        return self._windows_at(self.num_train_tokens + window_index * self.seq_len)
+        return self.num_train_tokens + window_index * self.seq_len
 
-    def _windows_at(self, starts: np.ndarray) -> np.ndarray:
+    def _batch_at(self, starts: np.ndarray) -> Batch:
+        mask = None if self.mask is None else self._windows_at(self.mask, starts)
+        return windows_to_batch(self._windows_at(self.stream, starts), mask)
+
+    def _windows_at(self, array: np.ndarray, starts: np.ndarray) -> np.ndarray:
         # One contiguous slice per row rather than a fancy index: a memmap then reads B sequential ranges.
-        return np.stack([self.stream[s : s + self.seq_len + 1] for s in starts.tolist()])
+        return np.stack([array[s : s + self.seq_len + 1] for s in starts.tolist()])
 
     def __repr__(self) -> str:
         return (
@@ -185,7 +203,7 @@ class SyntheticTokenDataset(TokenDataset):
         _check_positive("seq_len", seq_len)
         _check_positive("batch_size", batch_size)
         _check_index("seed", seed)
-        self.stream = None
+        self.stream = self.mask = None
         self.seq_len, self.batch_size, self.seed = int(seq_len), int(batch_size), int(seed)
         self.eval_fraction = 0.0
         self.name = f"synthetic:{vocab_size}"
@@ -202,11 +220,14 @@ class SyntheticTokenDataset(TokenDataset):
         dtype = np.uint16 if self.vocab_size <= 1 << 16 else np.int32
         return rng.integers(0, self.vocab_size, size=(self.batch_size, self.seq_len + 1), dtype=dtype)
 
-    def _train_windows(self, step: int, micro: int) -> np.ndarray:
-        return self._random_windows([self.seed, step, micro])
+    def _train_index(self, step: int, micro: int) -> list[int]:
+        return [self.seed, step, micro]
 
-    def _eval_windows(self, batch_index: int) -> np.ndarray:
-        return self._random_windows([self.seed, batch_index, 0, EVAL_KEY_TAG])
+    def _eval_index(self, batch_index: int) -> list[int]:
+        return [self.seed, batch_index, 0, EVAL_KEY_TAG]
+
+    def _batch_at(self, key: list[int]) -> Batch:
+        return windows_to_batch(self._random_windows(key))
 
     def __repr__(self) -> str:
         return (

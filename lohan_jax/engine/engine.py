@@ -357,10 +357,15 @@ class OffloadEngine:
         return total
 
     def master_params(self) -> Params:
-        """fp32 master weights as numpy trees, after every pending update."""
-        self.worker.drain()
-        trees = [u.master_tree(self.store) for u in self.units]
+        """fp32 master weights as numpy trees, after every pending update (a full copy: prefer
+        `unit_master_params` for models near the size of RAM)."""
+        trees = [self.unit_master_params(k) for k in range(len(self.units))]
         return {"embed": trees[0], "blocks": trees[1:-1], "head": trees[-1]}
+
+    def unit_master_params(self, k: int) -> Any:
+        """fp32 master weights of unit k (forward order) as a numpy tree, after every pending update."""
+        self.worker.drain()
+        return self.units[k].master_tree(self.store)
 
     def close(self) -> None:
         self.worker.close()

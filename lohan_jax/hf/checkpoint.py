@@ -175,6 +175,8 @@ class HFCheckpoint:
             if keys[-1] not in node:
                 node[keys[-1]] = np.empty(row.leaf_shape, np.float32)
             node[keys[-1]][row.slot] = row.layout.to_ours(self.read(name).astype(np.float32))
+        if k == n_units - 1:  # the engine reads units in order: the last one closes the files (reads reopen them)
+            self.close()
         return tree
 
     def params(self) -> dict[str, Any]:

@@ -149,7 +149,9 @@ def hf_config_from_spec(spec: ModelSpec, dtype: str = "float32") -> dict[str, An
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": s.n_layers,
                 "n_embd": s.d_model, "n_head": s.n_heads, "n_inner": s.ff_dim, "n_positions": s.max_seq_len,
                 "activation_function": act, "layer_norm_epsilon": s.norm_eps, "initializer_range": s.init_std,
-                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, **common}
+                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, **common,
+                # GPT2Config's default bos/eos id 50256 lies outside a smaller vocabulary: say "none" instead
+                **({"bos_token_id": None, "eos_token_id": None} if s.vocab_size <= 50256 else {})}
     if s.pos_offset == 2:
         if s.norm_eps != 1e-5:
             raise ValueError(f"model.norm_eps={s.norm_eps} cannot be written as an OPT config: OPT's LayerNorms "

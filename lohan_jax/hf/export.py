@@ -110,8 +110,8 @@ def export_checkpoint(spec: ModelSpec, params: Callable[[int], Any] | Mapping[st
             writer.close()
         if len(shards) > 1:
             total = sum(math.prod(r.hf_shape) for r in rows) * np_dtype.itemsize
-            index = {"metadata": {"total_size": total},
-                     "weight_map": {r.hf_name: names[shard_of[r.hf_name]] for r in sorted(rows, key=lambda r: r.hf_name)}}
+            weight_map = {name: names[shard_of[name]] for name in sorted(shard_of)}
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         config = _config_for_export(spec, hf_config, dtype)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
