@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
     models = sub.add_parser("models", help="list the named model sizes")
     models.set_defaults(func=_models)
+    from lohan_jax.planner.cli import add_plan_commands
+    add_plan_commands(sub)
     from lohan_jax import prepare, report  # neither imports jax
     prepare.add_parser(sub)  # lohan-jax prepare: text/JSONL -> packed token files
     report.add_parser(sub)  # lohan-jax report: run directory -> report.md + plots

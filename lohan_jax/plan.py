@@ -91,8 +91,8 @@ class UnitPlan:
         object.__setattr__(self, "weights", Tier(self.weights))
         object.__setattr__(self, "optim_state", Tier(self.optim_state))
         object.__setattr__(self, "update_on", UpdateOn(self.update_on))
-        if self.weights is Tier.DISK:
-            raise ValueError("weights on disk are not supported by this engine yet; use host or hbm")
+        if self.weights is Tier.DISK and self.optim_state is not Tier.DISK:
+            raise ValueError("a unit with weights on disk keeps its optimizer state there too (optim_state=disk)")
         if (self.update_on is UpdateOn.GPU) != (self.optim_state is Tier.HBM):
             raise ValueError(f"update_on={self.update_on.value} with optim_state={self.optim_state.value}: the GPU "
                              "updates exactly the units whose optimizer state is in HBM")
@@ -111,6 +111,8 @@ class Plan:
     keep_turn_blocks: int = 1  # last blocks whose forward weights stay on the GPU for the backward
     predicted_step_s: float | None = None
     notes: tuple[str, ...] = ()
+    predicted_tokens_per_s: float | None = None  # the planner's prediction for the batch it planned
+    predicted_bottleneck: str | None = None  # the resource that bounds the predicted step (planner)
 
     def __post_init__(self):
         if self.prefetch_depth < 1:
@@ -121,6 +123,19 @@ class Plan:
     @property
     def units(self) -> tuple[UnitPlan, ...]:
         return (self.embed, *self.blocks, self.head)
+
+    @property
+    def engine_executable(self) -> bool:
+        """False when a unit's weights are on disk: the planner models that tier (the paper's testbed), the
+        engine does not execute it yet (optimizer state on disk it does)."""
+        return not any(u.weights is Tier.DISK for u in self.units)
+
+    def check_executable(self) -> None:
+        """Raise if this engine cannot run the plan (call before allocating anything)."""
+        if not self.engine_executable:
+            n = sum(u.weights is Tier.DISK for u in self.units)
+            raise ValueError(f"the plan keeps the weights of {n} unit(s) on disk, which this engine does not "
+                             "execute yet; plan with more RAM or with the weights tier limited to host/hbm")
 
     def to_json(self) -> str:
         return json.dumps(_to_jsonable(self), indent=1)
@@ -139,11 +154,17 @@ class Plan:
                             activations=act)
         return cls(embed=unit(d["embed"]), blocks=tuple(unit(b) for b in d["blocks"]), head=unit(d["head"]),
                    prefetch_depth=d.get("prefetch_depth", 2), keep_turn_blocks=d.get("keep_turn_blocks", 1),
-                   predicted_step_s=d.get("predicted_step_s"), notes=tuple(d.get("notes", ())))
+                   predicted_step_s=d.get("predicted_step_s"), notes=tuple(d.get("notes", ())),
+                   predicted_tokens_per_s=d.get("predicted_tokens_per_s"),
+                   predicted_bottleneck=d.get("predicted_bottleneck"))
 
     @classmethod
-    def load(cls, path: str | Path) -> Plan:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+    def load(cls, path: str | Path, executable_only: bool = True) -> Plan:
+        """A saved plan; by default only one this engine can run (see check_executable)."""
+        plan = cls.from_dict(json.loads(Path(path).read_text()))
+        if executable_only:
+            plan.check_executable()
+        return plan
 
     def table(self) -> str:
         """A compact per-unit table."""
@@ -188,7 +209,7 @@ def expected_traffic(plan: Plan, *, weight_nbytes: list[int], residual_nbytes: l
     units = plan.units
     for _ in range(n_micro):
         for k, (u, w) in enumerate(zip(units, weight_nbytes)):
-            if u.weights is Tier.HOST:
+            if u.weights is not Tier.HBM:  # streamed from host (or, planner-only, from disk through host)
                 if k == 0:
                     uses = 2 + int(tied)  # forward, tied head, backward
                 elif k == L + 1:

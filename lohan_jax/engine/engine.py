@@ -47,6 +47,7 @@ class OffloadEngine:
 
         if len(plan.blocks) != model.n_layers:
             raise ValueError(f"the plan has {len(plan.blocks)} blocks but the model has {model.n_layers}")
+        plan.check_executable()
         self.model, self.plan, self.optim, self.n_micro = model, plan, optim, n_micro
         self.compute_dtype = compute_dtype
         self.schedule = make_schedule(optim, total_steps)

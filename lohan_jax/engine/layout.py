@@ -49,11 +49,14 @@ class FlatLayout:
 
     def segments(self, weight_decay: float) -> tuple[np.ndarray, np.ndarray]:
         """(bounds int64[n+1], decay float32[n]) for the host AdamW kernel."""
-        return (np.asarray(self.offsets, np.int64),
-                np.asarray([weight_decay if d else 0.0 for d in self.decay], np.float32))
+        return np.asarray(self.offsets, np.int64), self.leaf_decay(weight_decay)
 
-    def decay_vector(self, weight_decay: float) -> jax.Array:
-        """Per-element weight decay on the device (built inside jit from per-leaf values)."""
+    def leaf_decay(self, weight_decay: float) -> np.ndarray:
+        """Weight decay per leaf (float32[n_leaves])."""
+        return np.asarray([weight_decay if d else 0.0 for d in self.decay], np.float32)
+
+    def decay_vector(self, per_leaf: jax.Array) -> jax.Array:
+        """Inside jit: per-element weight decay from the per-leaf values. `per_leaf` must be a runtime argument:
+        as a constant, XLA folds the repeat into an n-element literal (50 s to compile a 64M-element leaf)."""
         sizes = np.diff(np.asarray(self.offsets))
-        per_leaf = jnp.asarray([weight_decay if d else 0.0 for d in self.decay], jnp.float32)
         return jnp.repeat(per_leaf, sizes, total_repeat_length=self.size)

@@ -154,25 +154,26 @@ def _head_chunk_rows(batch: int, seq: int, vocab: int, max_bytes: int) -> int:
     return rows
 
 
-def _adamw_gpu(master, mu, nu, grad, lr, count, grad_scale, *, layout, weight_decay, b1, b2, eps, compute_dtype):
+def _adamw_gpu(master, mu, nu, grad, lr, count, grad_scale, leaf_decay, *, layout, b1, b2, eps, compute_dtype):
     """optax.adamw's arithmetic, in its order, on flat fp32 vectors (count is 1-based)."""
     g = grad.astype(jnp.float32) * grad_scale
     mu = (1 - b1) * g + b1 * mu
     nu = (1 - b2) * (g * g) + b2 * nu
     mu_hat = mu / (1 - b1 ** count).astype(jnp.float32)
     nu_hat = nu / (1 - b2 ** count).astype(jnp.float32)
-    update = mu_hat / (jnp.sqrt(nu_hat) + eps) + layout.decay_vector(weight_decay) * master
+    update = mu_hat / (jnp.sqrt(nu_hat) + eps) + layout.decay_vector(leaf_decay) * master
     master = master + (-lr) * update
     return master, mu, nu, master.astype(compute_dtype)
 
 
 def make_gpu_adamw(layout: FlatLayout, b1: float, b2: float, eps: float, weight_decay: float, compute_dtype: Any):
-    """Jitted AdamW for units whose state lives in HBM; master and moments are donated (updated in place).
-    The per-element decay mask is built inside the program from per-leaf values, so it costs no memory."""
-    fn = lambda master, mu, nu, grad, lr, count, scale: _adamw_gpu(
-        master, mu, nu, grad, lr, count, scale, layout=layout, weight_decay=weight_decay, b1=b1, b2=b2, eps=eps,
-        compute_dtype=compute_dtype)
-    return jax.jit(fn, donate_argnums=(0, 1, 2))
+    """AdamW for units whose state lives in HBM; master and moments are donated (updated in place). The
+    per-element decay mask is expanded inside the program from per-leaf values, so it costs no memory."""
+    fn = jax.jit(lambda master, mu, nu, grad, lr, count, scale, leaf_decay: _adamw_gpu(
+        master, mu, nu, grad, lr, count, scale, leaf_decay, layout=layout, b1=b1, b2=b2, eps=eps,
+        compute_dtype=compute_dtype), donate_argnums=(0, 1, 2))
+    leaf_decay = jnp.asarray(layout.leaf_decay(weight_decay))
+    return lambda master, mu, nu, grad, lr, count, scale: fn(master, mu, nu, grad, lr, count, scale, leaf_decay)
 
 
 make_accumulate = lambda: jax.jit(lambda acc, g: acc + g.astype(jnp.float32), donate_argnums=(0,))

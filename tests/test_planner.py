@@ -1,0 +1,286 @@
+"""The planner: budgets never exceeded, deterministic and fast search, traffic equal to what the engine counts,
+the step-time model against our measured H100 steps, profiles that round-trip, a CLI that plans without a GPU."""
+import argparse
+import ast
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from lohan_jax.models import get_spec
+from lohan_jax.plan import ActivationPolicy, Plan, Tier, UnitPlan, UpdateOn, uniform_plan
+from lohan_jax.planner import cost
+from lohan_jax.planner.capacity import Margins, budgets, memory, overflow
+from lohan_jax.planner.machines import BUILTIN, H100_80G, PAPER_4090_768G, machine
+from lohan_jax.planner.profile import (
+    GIB,
+    MachineProfile,
+    load_profile,
+    model_from_dict,
+    model_profile_from_spec,
+    save_profile,
+)
+from lohan_jax.planner.search import SearchOptions, search, suggestions
+from lohan_jax.planner.workload import Workload
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _measured_6b(batch: int, block_ms: float, head_ms: float):
+    """paper-6b as experiments/results/engine_throughput.jsonl measured it: block forward + backward with
+    recompute (1:3, as the run's timeline shows) and head, per micro-batch, on the H100."""
+    mp = model_profile_from_spec(get_spec("paper-6b"), 1024)
+    return dataclasses.replace(mp, tokens_measured=batch * 1024, block_fwd_ms=block_ms / 4,
+                               block_bwd_keep_ms=block_ms / 2, block_bwd_recompute_ms=3 * block_ms / 4,
+                               head_ms=head_ms, embed_ms=1.6 * batch / 8, source="measured (engine_throughput)")
+
+
+def test_model_reproduces_measured_h100_steps():
+    """Hand plans run on the H100 at a 24 GiB cap: batch 8 recompute 1.605 s/step (the host AdamW bounds it);
+    batch 64 in chunks of 8 with the first 16 inputs swapped 5.577 s/step (the GPU bounds it)."""
+    m = H100_80G.with_(hbm_gib=24.0)
+    p8 = uniform_plan(28)
+    pred8 = cost.predict(p8, Workload(_measured_6b(8, 20.64, 57.45), 8), m)
+    p64 = uniform_plan(28, activations="recompute+chunks=8")
+    p64 = dataclasses.replace(p64, blocks=tuple(
+        dataclasses.replace(u, activations=dataclasses.replace(u.activations, swap_input=i < 16))
+        for i, u in enumerate(p64.blocks)))
+    pred64 = cost.predict(p64, Workload(_measured_6b(64, 184.6, 472.1), 64), m)
+    assert abs(pred8.step_s / 1.605 - 1) < 0.12, pred8.step_s
+    assert abs(pred64.step_s / 5.577 - 1) < 0.12, pred64.step_s
+    assert max(pred8.busy_s, key=pred8.busy_s.get) == "cpu" and max(pred64.busy_s, key=pred64.busy_s.get) == "gpu"
+    # the measured traffic of those runs (bytes per step)
+    assert pred8.traffic["h2d_bytes"] == 22151782400 and pred8.traffic["d2h_bytes"] == 11277271040
+    assert pred64.traffic["h2d_bytes"] == 30741716992 and pred64.traffic["d2h_bytes"] == 19867205632
+
+
+def test_replay_issues_the_plans_traffic_and_respects_bounds():
+    m = PAPER_4090_768G
+    for plan, wl in [
+        (uniform_plan(40, activations="save:qkv,mlp_up+swap+swap_input"),
+         Workload(model_profile_from_spec(get_spec("paper-13b"), 1024), 8)),
+        (Plan(embed=UnitPlan(Tier.HOST, Tier.HOST, UpdateOn.CPU), head=UnitPlan(Tier.HBM, Tier.HBM, UpdateOn.GPU),
+              blocks=(UnitPlan(Tier.DISK, Tier.DISK, UpdateOn.CPU), UnitPlan(Tier.HBM, Tier.HOST, UpdateOn.CPU),
+                      UnitPlan(Tier.HOST, Tier.DISK, UpdateOn.CPU, ActivationPolicy.parse("keep+swap"))),
+              prefetch_depth=1, keep_turn_blocks=2),
+         Workload(model_profile_from_spec(get_spec("paper-6b", n_layers=3), 1024), 8, n_micro=2, clip=True)),
+    ]:
+        replay = cost._Replay(plan, wl, m)
+        replay.run(3)
+        tr = cost.traffic(plan, wl)
+        assert replay.nbytes == {"h2d_bytes": tr["h2d_bytes"], "d2h_bytes": tr["d2h_bytes"]}
+        pred = cost.predict(plan, wl, m)
+        assert pred.step_s >= max(pred.busy_s.values()) - 1e-9
+
+
+def _grid():
+    tiny = MachineProfile(name="small-gpu", hbm_gib=10, gpu_block_tflops=50, h2d_gbps=12, d2h_gbps=12,
+                          duplex_gbps=20, host_adam_gparams_per_s=2, ram_gib=48, pinned_limit_gib=40,
+                          disk_gib=500, disk_read_gbps=3, disk_write_gbps=2)
+    for m in [*BUILTIN.values(), tiny]:
+        for model in ("gpt3-1.3b", "llama2-7b", "paper-30b", "paper-175b"):
+            for batch in (1, 16):
+                yield m, model, batch
+
+
+def test_budgets_never_exceeded_and_engine_accepts():
+    from lohan_jax.engine.memory import Budgets as EngineBudgets
+    from lohan_jax.engine.memory import check_budgets, estimate_memory
+
+    fitted = 0
+    for m, model, batch in _grid():
+        spec = get_spec(model)
+        wl = Workload(model_profile_from_spec(spec, 1024), batch)
+        r = search(wl, m)
+        if r.plan is None:
+            continue
+        fitted += 1
+        mem = memory(r.plan, wl)
+        b = budgets(m, Margins())
+        assert not overflow(mem, b), (m.name, model, batch, overflow(mem, b))
+        assert mem.hbm_bytes <= m.hbm_gib * GIB and mem.ram_bytes <= m.ram_gib * GIB
+        if r.plan.engine_executable:  # the engine's own accounting accepts it at the machine's limits
+            est = estimate_memory(r.plan, unit_params=wl.model.unit_params(), compute_itemsize=2,
+                                  micro_batch=wl.micro_batch, seq_len=1024, d_model=spec.d_model, d_ff=spec.ff_dim,
+                                  vocab_size=spec.vocab_size, n_micro=1,
+                                  residual_nbytes=[wl.residual_nbytes(u.activations) for u in r.plan.blocks])
+            check_budgets(est, EngineBudgets(int(m.hbm_gib * GIB * 0.95), int(m.pinned_limit_gib * GIB * 0.95) or None,
+                                             int(m.ram_gib * GIB * 0.95)))
+    assert fitted > 15
+
+
+def test_search_is_deterministic_and_fast_for_175b():
+    wl = Workload(model_profile_from_spec(get_spec("paper-175b"), 1024), 8)
+    t0 = time.perf_counter()
+    a = search(wl, PAPER_4090_768G)
+    assert time.perf_counter() - t0 < 1.0
+    b = search(wl, PAPER_4090_768G)
+    assert a.plan is not None and a.plan.to_json() == b.plan.to_json() and a.prediction == b.prediction
+    w6 = Workload(model_profile_from_spec(get_spec("paper-6b"), 1024), 8)
+    assert search(w6, H100_80G).plan.to_json() == search(w6, H100_80G).plan.to_json()
+
+
+def test_search_beats_or_matches_uniform_plans():
+    wl = Workload(_measured_6b(8, 20.64, 57.45), 8)
+    m = H100_80G.with_(hbm_gib=24.0)
+    best = search(wl, m)
+    assert best.prediction.step_s <= cost.predict(uniform_plan(28), wl, m).step_s
+    assert any(u.update_on is UpdateOn.GPU for u in best.plan.blocks)  # CPU-bound: some updates move to the GPU
+
+
+def test_testbed_predictions_where_the_paper_is_bound_like_our_model():
+    """Where the paper's system is GPU-bound (13B, batch >= 64) our prediction of its placement is within 15% of
+    its measured tokens/s, and disk-bound 175B at batch 8 (its 86.9 TFLOPS, ~62 tokens/s) too; the full table
+    and the differences elsewhere are in experiments/results/planner_testbed.md."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("testbed", ROOT / "experiments" / "planner_testbed.py")
+    testbed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(testbed)
+    for model, batch, paper_tps in (("paper-13b", 64, 1500), ("paper-13b", 128, 1479), ("paper-175b", 8, 62)):
+        row = testbed.predict_row(model, batch, "paper-4090-768g", "paper_placement", paper_tps)
+        assert abs(row["tokens_per_s"] / paper_tps - 1) < 0.15, (model, batch, row["tokens_per_s"])
+
+
+def test_refusal_and_smallest_changes():
+    wl = Workload(model_profile_from_spec(get_spec("paper-30b"), 1024), 8)
+    r = search(wl, H100_80G, SearchOptions(allow_disk=False))
+    assert r.plan is None and any("ram" in p for p in r.problems)
+    fixes = suggestions(wl, H100_80G, SearchOptions(allow_disk=False))
+    assert any(f.startswith("more RAM") for f in fixes)
+    ram = float(fixes[0].split(":")[1].split("GiB")[0])
+    bigger = H100_80G.with_(ram_gib=ram, pinned_limit_gib=0.9 * ram)
+    assert search(wl, bigger, SearchOptions(allow_disk=False)).plan is not None
+
+
+def test_disk_weights_are_planned_but_not_executable(tmp_path):
+    wl = Workload(model_profile_from_spec(get_spec("paper-175b"), 1024), 8)
+    r = search(wl, BUILTIN["paper-4090-768g"])
+    assert r.plan is not None and not r.executable
+    with pytest.raises(ValueError, match="disk"):
+        r.plan.check_executable()
+    d = json.loads(r.plan.to_json())
+    assert Plan.from_dict(d) == r.plan  # the plan format carries the tier
+    r.plan.save(tmp_path / "disk.json")
+    with pytest.raises(ValueError, match="disk"):  # what offload.plan_file loads must be runnable
+        Plan.load(tmp_path / "disk.json")
+    assert Plan.load(tmp_path / "disk.json", executable_only=False) == r.plan
+    old = {k: v for k, v in d.items() if k not in ("predicted_tokens_per_s", "predicted_bottleneck")}
+    assert Plan.from_dict(old).predicted_bottleneck is None  # plans saved before these fields still load
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
+def test_analytic_activations_match_abstract_evaluation(name):
+    import jax.numpy as jnp
+
+    from lohan_jax.models import build_model
+    from lohan_jax.planner.measure import activation_profile
+
+    spec = get_spec(name, n_layers=2)
+    cands, keep_bytes, rec = activation_profile(build_model(spec, jnp.float32), spec, 4, 32, jnp.float32)
+    analytic = model_profile_from_spec(spec, 32, itemsize=4)
+    assert [c.name for c in cands] == [c.name for c in analytic.candidates]
+    for c, a in zip(cands, analytic.candidates):
+        assert c.nbytes_per_token == a.nbytes_per_token
+        assert abs(c.recompute_flops_per_token - a.recompute_flops_per_token) <= 0.1 * a.recompute_flops_per_token
+    assert rec >= sum(c.recompute_flops_per_token for c in cands)  # keep also spares the softmax and the norms
+    assert keep_bytes > sum(c.nbytes_per_token for c in cands)
+
+
+def test_planned_traffic_equals_engine_counted_traffic():
+    """A mixed plan from the search on a tiny machine, run by the engine on CPU: the bytes it counts equal
+    the planner's traffic (weights from the spec's parameter counts, residuals from abstract evaluation)."""
+    import jax
+    import jax.numpy as jnp
+
+    from lohan_jax.batches import step_batch
+    from lohan_jax.config import OptimConfig
+    from lohan_jax.data import open_dataset
+    from lohan_jax.engine import OffloadEngine
+    from lohan_jax.models import build_model
+    from lohan_jax.planner.measure import activation_profile
+
+    spec = get_spec("gpt-tiny", n_layers=3)
+    model = build_model(spec, jnp.float32)
+    batch, seq, n_micro = 4, 32, 2
+    cands, keep, rec = activation_profile(model, spec, batch // n_micro, seq, jnp.float32)
+    mp = dataclasses.replace(model_profile_from_spec(spec, seq, itemsize=4), candidates=cands,
+                             keep_nbytes_per_token=keep, recompute_flops_per_token=rec)
+    wl = Workload(mp, batch, n_micro)
+    # 1.4 MB of "HBM": the edges' state, one block's weights and a saved intermediate fit, not much more
+    tiny = MachineProfile(name="tiny", hbm_gib=1.4e6 / GIB, gpu_block_tflops=1e-4, gpu_head_tflops=1e-4,
+                          h2d_gbps=1e-3, d2h_gbps=1e-3, duplex_gbps=2e-3, host_adam_gparams_per_s=1e-5, ram_gib=64)
+    r = search(wl, tiny)
+    assert r.plan is not None and len({(u.weights, u.update_on, u.activations) for u in r.plan.units}) >= 3, \
+        r.plan.table()
+    plan = r.plan
+    data = open_dataset("builtin:pydoc", tokenizer="byte", seq_len=seq, batch_size=batch // n_micro, seed=0)
+    with OffloadEngine(model, model.init(jax.random.key(0), seq), plan, optim=OptimConfig(lr=1e-3), total_steps=2,
+                       micro_batch_shape=(batch // n_micro, seq), n_micro=n_micro, compute_dtype=jnp.float32) as eng:
+        eng.step(step_batch(data, 0, n_micro))
+        metrics = eng.step(step_batch(data, 1, n_micro))
+        counted = {k: eng.traffic[k] for k in ("h2d_bytes", "d2h_bytes")}
+        float(metrics["loss"])
+    tr = cost.traffic(plan, wl)
+    assert counted == {"h2d_bytes": tr["h2d_bytes"], "d2h_bytes": tr["d2h_bytes"]}
+    assert counted["d2h_bytes"] > 0
+
+
+def test_profiles_round_trip(tmp_path):
+    mp = model_profile_from_spec(get_spec("llama2-7b"), 2048)
+    for suffix in (".json", ".yaml"):
+        save_profile(tmp_path / f"p{suffix}", H100_80G, mp)
+        m2, mp2 = load_profile(tmp_path / f"p{suffix}")
+        assert m2 == H100_80G and mp2 == mp
+    assert model_from_dict(json.loads(json.dumps(dataclasses.asdict(mp)))) == mp
+
+
+@pytest.mark.parametrize("name", list(BUILTIN))
+def test_machine_yaml_files_equal_builtins(name):
+    assert machine(str(ROOT / "configs" / "machines" / f"{name}.yaml")) == BUILTIN[name]
+
+
+def test_pure_planner_modules_import_no_jax():
+    """Decisions are plain Python: only measure.py (and the CLI, lazily) may reach jax."""
+    pure = ["profile", "workload", "cost", "capacity", "search", "machines", "explain"]
+    banned = ("jax", "flax", "optax", "lohan_jax.engine", "lohan_jax.models", "lohan_jax.tiers")
+    for name in pure:
+        tree = ast.parse((ROOT / "lohan_jax" / "planner" / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for mod in mods:
+                assert not mod.startswith(banned), f"planner/{name}.py imports {mod}"
+
+
+def _cli(argv):
+    from lohan_jax.planner.cli import add_plan_commands
+
+    parser = argparse.ArgumentParser()
+    add_plan_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_plan_saves_a_runnable_plan_and_refuses_with_numbers(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert _cli(["plan", str(ROOT / "configs" / "paper-6b.yaml"), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "predicted:" in text and "bottleneck:" in text and "tokens/s" in text
+    plan = Plan.load(out)
+    assert plan.predicted_step_s > 0 and plan.predicted_bottleneck and plan.engine_executable and len(plan.blocks) == 28
+    assert _cli(["plan", str(ROOT / "configs" / "paper-13b.yaml"), "--set", "model.name=paper-30b",
+                 "--machine", "h100-80g", "--disk", "off"]) == 1
+    text = capsys.readouterr().out
+    assert "does not fit" in text and "more RAM" in text
+
+
+def test_cli_profile_on_cpu(tmp_path, capsys):
+    out = tmp_path / "prof.json"
+    assert _cli(["profile", "--set", "model.name=gpt-tiny", "--set", "train.seq_len=32", "--set", "train.batch_size=2",
+                 "--quick", "--out", str(out)]) == 0
+    m, mp = load_profile(out)
+    assert m.host_adam_gparams_per_s > 0 and m.ram_gib > 0 and m.h2d_gbps > 0
+    assert mp.measured and mp.block_fwd_ms > 0 and mp.block_bwd_recompute_ms >= mp.block_bwd_keep_ms > 0
+    assert [c.name for c in mp.candidates] == ["qkv", "attn_ctx", "attn_res", "mlp_up", "mlp_act"]
