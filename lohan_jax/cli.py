@@ -11,6 +11,13 @@ from lohan_jax.config import ConfigError, load_config
 
 def _train(args: argparse.Namespace) -> int:
     from lohan_jax.train import run_training
+    if args.resume:  # continue an earlier run: its own resolved config, plus any --set overrides
+        from pathlib import Path
+        saved = Path(args.resume) / "config.yaml"
+        if args.config or not saved.is_file():
+            raise ConfigError(f"--resume {args.resume}: expected a run directory holding config.yaml (and no CONFIG)")
+        run_training(load_config(saved, args.set), run_dir=args.resume, progress=not args.no_progress, resume=True)
+        return 0
     cfg = load_config(args.config, args.set)
     run_training(cfg, run_dir=args.run_dir, progress=not args.no_progress)
     return 0
@@ -35,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)")
     train.add_argument("--run-dir", help="write the run here instead of train.run_dir/<model>-<time>/")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest checkpoint")
     train.set_defaults(func=_train)
     models = sub.add_parser("models", help="list the named model sizes")
     models.set_defaults(func=_models)

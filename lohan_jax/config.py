@@ -84,11 +84,15 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the end
     eval_batches: int = 4
     run_dir: str = "runs"  # each run writes into run_dir/<model>-<timestamp>/
+    checkpoint_every: int = 0  # save an orbax checkpoint every N steps and at the end (0 = never)
+    keep_checkpoints: int = 3  # newest checkpoints kept
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "micro_batches", "seq_len", "log_every", "eval_batches"):
             _check(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "must be > 0")
         _check(self.seed >= 0, "train.seed", self.seed, "must be >= 0")
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every, "must be >= 0 (0 = never)")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "must be >= 1")
         _check(self.eval_every >= 0, "train.eval_every", self.eval_every, "must be >= 0 (0 = only at the end)")
         _check(self.batch_size % self.micro_batches == 0, "train.micro_batches", self.micro_batches,
                f"must divide train.batch_size={self.batch_size}")

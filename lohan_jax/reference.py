@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lohan_jax.config import OptimConfig
@@ -70,6 +71,13 @@ class ReferenceTrainer:
 
     def master_params(self) -> Params:
         return self.params
+
+    def state_dict(self) -> dict:
+        return {"params": self.params, "opt_state": self.opt_state, "step": np.asarray([self._step], np.int64)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.params, self.opt_state = state["params"], state["opt_state"]
+        self._step = int(np.asarray(state["step"]).reshape(-1)[0])
 
 
 def loss_and_grad_free(model: DecoderModel, compute_dtype: Any, params32: Params, batch: dict[str, jax.Array]):

@@ -61,7 +61,9 @@ def make_trainer(cfg: Config, model, params32, compute_dtype):
     return OffloadEngine.from_config(cfg, model, params32, compute_dtype, timeline=Timeline(enabled=False))
 
 
-def run_training(cfg: Config, run_dir: Path | None = None, progress: bool = True) -> TrainResult:
+def run_training(cfg: Config, run_dir: Path | None = None, progress: bool = True, resume: bool = False) -> TrainResult:
+    """Train as `cfg` says. With resume=True, `run_dir` is an earlier run: its latest checkpoint is loaded and
+    training continues from that step, appending to the same metrics file."""
     t = cfg.train
     compute_dtype = resolve_compute_dtype(t.compute_dtype)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, compute_dtype=jnp.dtype(compute_dtype).name))
@@ -99,13 +101,21 @@ def run_training(cfg: Config, run_dir: Path | None = None, progress: bool = True
         (run_dir / "run.json").write_text(json.dumps(run, indent=1))
         trainer.plan.save(run_dir / "plan.json")
     try:
-        return _loop(cfg, trainer, data, run_dir, device, progress)
+        ckpt = None
+        start = 0
+        if t.checkpoint_every or resume:
+            from lohan_jax.checkpoint import Checkpointer
+            ckpt = Checkpointer(run_dir / "checkpoints", max_to_keep=t.keep_checkpoints)
+            if resume:
+                start = ckpt.restore(trainer)
+                log.info("resumed from step %d of %s", start, run_dir)
+        return _loop(cfg, trainer, data, run_dir, device, progress, ckpt, start)
     finally:
         if hasattr(trainer, "close"):
             trainer.close()
 
 
-def _loop(cfg: Config, trainer, data, run_dir: Path, device, progress: bool) -> TrainResult:
+def _loop(cfg: Config, trainer, data, run_dir: Path, device, progress: bool, ckpt=None, start: int = 0) -> TrainResult:
     t = cfg.train
 
     tokens_per_step = t.batch_size * t.seq_len
@@ -117,14 +127,18 @@ def _loop(cfg: Config, trainer, data, run_dir: Path, device, progress: bool) -> 
     losses: list[float] = []
     step_times: list[float] = []
     bar = _progress(t.steps, progress)
+    bar.update(start)
     with MetricsWriter(run_dir / "metrics.jsonl", stdout=False) as writer:
         pending, t_last = None, time.perf_counter()
-        for step in range(t.steps + 1):
+        for step in range(start, t.steps + 1):
             traced = step == cfg.offload.timeline_step and hasattr(trainer, "timeline")
             if traced:
                 trainer.timeline.clear()
                 trainer.timeline.enabled = True
             out = trainer.step(step_batch(data, step, t.micro_batches)) if step < t.steps else None
+            if ckpt is not None and out is not None and t.checkpoint_every and (
+                    (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps):
+                ckpt.save(step + 1, trainer, cfg)  # waits for the step's updates; batches resume from step + 1
             if traced:
                 _write_timeline(trainer, out, run_dir, step)
             if pending is not None:  # read step-1's metrics only after step's work is dispatched

@@ -368,6 +368,43 @@ class OffloadEngine:
         self.worker.drain()
         return self.units[k].master_tree(self.store)
 
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs: per unit fp32 master and Adam moments, and the step (numpy)."""
+        self.worker.drain()
+        units = []
+        for u in self.units:
+            if u.on_disk:
+                if u.write is not None:
+                    u.write.result()
+                master, mu, nu = self.store.read(u.name).result()
+            elif u.host_updated:
+                master, mu, nu = u.master, u.mu, u.nu
+            else:
+                master, mu, nu = (np.asarray(a) for a in u.dev_state)
+            units.append({"master": master, "mu": mu, "nu": nu})
+        return {"units": units, "step": np.asarray([self._step], np.int64)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`'s output; the bf16 compute weights are re-derived from the masters."""
+        self.worker.drain()
+        for u, s in zip(self.units, state["units"]):
+            master, mu, nu = (np.asarray(s[k], np.float32) for k in ("master", "mu", "nu"))
+            w = master.astype(np.dtype(self.compute_dtype))
+            if u.on_disk:
+                u.write = None
+                self.store.write(u.name, np.stack([master, mu, nu])).result()
+            elif u.host_updated:
+                np.copyto(u.master, master), np.copyto(u.mu, mu), np.copyto(u.nu, nu)
+            else:
+                u.dev_state = tuple(self.spaces.to_hbm(a) for a in (master, mu, nu))
+                u.dev_w = self.spaces.to_hbm(w)
+            if u.host_w is not None:
+                u.host_w.view[...] = w
+                u.stale = not u.streamed
+            u.ready = None
+        self._reads.clear()
+        self._step = int(np.asarray(state["step"]).reshape(-1)[0])
+
     def close(self) -> None:
         self.worker.close()
 

@@ -1,0 +1,90 @@
+"""A run stopped after k steps and resumed from its checkpoint continues bit-identically."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lohan_jax.batches import step_batch
+from lohan_jax.checkpoint import Checkpointer
+from lohan_jax.config import OptimConfig
+from lohan_jax.data import open_dataset
+from lohan_jax.engine import OffloadEngine
+from lohan_jax.models import build_model, get_spec
+from lohan_jax.plan import Plan, Tier, UnitPlan, UpdateOn, uniform_plan
+from lohan_jax.reference import ReferenceTrainer
+
+STEPS, SPLIT, BATCH, SEQ = 5, 2, 4, 32
+MIXED = lambda n: Plan(embed=UnitPlan(Tier.HBM, Tier.HBM, UpdateOn.GPU), head=UnitPlan(Tier.HOST, Tier.DISK),
+                       blocks=(UnitPlan(Tier.HOST, Tier.HOST), UnitPlan(Tier.HBM, Tier.HBM, UpdateOn.GPU),
+                               UnitPlan(Tier.HOST, Tier.DISK)))
+
+
+def _make(kind, model, params, optim, tmp_path, tag):
+    if kind == "reference":
+        return ReferenceTrainer(model, params, optim, STEPS, model.block_module.dtype)
+    return OffloadEngine(model, params, MIXED(3) if kind == "mixed" else uniform_plan(3), optim=optim,
+                         total_steps=STEPS, micro_batch_shape=(BATCH, SEQ), compute_dtype=model.block_module.dtype,
+                         disk_path=str(tmp_path / f"disk-{tag}"))
+
+
+@pytest.mark.parametrize("kind,dtype", [("offload", jnp.float32), ("mixed", jnp.bfloat16), ("reference", jnp.float32)])
+def test_resume_is_bit_identical(kind, dtype, tmp_path):
+    model = build_model(get_spec("gpt-tiny", n_layers=3), dtype)
+    params = model.init(jax.random.key(0), SEQ)
+    optim = OptimConfig(lr=3e-3, warmup_steps=1, clip_norm=0.5)
+    data = open_dataset("builtin:pydoc", tokenizer="byte", seq_len=SEQ, batch_size=BATCH, seed=0)
+    batches = [step_batch(data, s, 1) for s in range(STEPS)]
+
+    straight = _make(kind, model, params, optim, tmp_path, "a")
+    losses = [float(straight.step(b)["loss"]) for b in batches]
+    final = straight.state_dict()
+
+    first = _make(kind, model, params, optim, tmp_path, "b")
+    resumed_losses = [float(first.step(b)["loss"]) for b in batches[:SPLIT]]
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    ckpt.save(SPLIT, first, None)
+    del first  # the "killed" run
+    second = _make(kind, model, model.init(jax.random.key(9), SEQ), optim, tmp_path, "c")  # different init
+    assert Checkpointer(tmp_path / "ckpt").restore(second) == SPLIT
+    resumed_losses += [float(second.step(b)["loss"]) for b in batches[SPLIT:]]
+
+    assert resumed_losses == losses
+    for a, b in zip(jax.tree.leaves(second.state_dict()), jax.tree.leaves(final)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
+    model = build_model(get_spec("gpt-tiny", n_layers=3), jnp.float32)
+    eng = OffloadEngine(model, model.init(jax.random.key(0), SEQ), uniform_plan(3), optim=OptimConfig(),
+                        total_steps=2, micro_batch_shape=(BATCH, SEQ), compute_dtype=jnp.float32)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Checkpointer(tmp_path / "none").restore(eng)
+    other = OffloadEngine(build_model(get_spec("gpt-tiny", n_layers=2), jnp.float32),
+                          build_model(get_spec("gpt-tiny", n_layers=2), jnp.float32).init(jax.random.key(0), SEQ),
+                          uniform_plan(2), optim=OptimConfig(), total_steps=2, micro_batch_shape=(BATCH, SEQ),
+                          compute_dtype=jnp.float32)
+    Checkpointer(tmp_path / "two").save(1, other)
+    with pytest.raises(ValueError, match="does not match"):
+        Checkpointer(tmp_path / "two").restore(eng)
+
+
+def test_cli_resume_continues_the_run_exactly(tmp_path):
+    import json
+    import shutil
+
+    from lohan_jax.cli import main
+
+    common = ["--set", "model.name=gpt-tiny", "--set", "train.steps=4", "--set", "train.seq_len=32",
+              "--set", "train.batch_size=4", "--set", "train.checkpoint_every=2", "--no-progress"]
+    assert main(["train", *common, "--run-dir", str(tmp_path / "a")]) == 0
+    assert main(["train", *common, "--run-dir", str(tmp_path / "b")]) == 0
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "4")  # as if killed after the checkpoint of step 2
+    assert main(["train", "--resume", str(tmp_path / "b"), "--no-progress"]) == 0
+
+    def losses(run):
+        rows = [json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")]
+        return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+    a, b = losses("a"), losses("b")
+    assert a == b and sorted(a) == [0, 1, 2, 3]
+    assert sorted(int(p.name) for p in (tmp_path / "b" / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
