@@ -143,7 +143,7 @@ def run(args) -> dict:
         out.update({f"traffic_{k}_per_step": v for k, v in engine.traffic.items()})
         m = engine.memory
         out.update(placement_hbm_gib=m.hbm_bytes / 2**30, placement_pinned_gib=m.pinned_bytes / 2**30,
-                   placement_host_gib=m.host_bytes / 2**30)
+                   placement_host_gib=m.ram_bytes / 2**30)
         if engine.store is not None:
             c = engine.store.counters
             n = max(len(times) - 1, 1)

@@ -97,7 +97,7 @@ def run_training(cfg: Config, run_dir: Path | None = None, progress: bool = True
         run = json.loads((run_dir / "run.json").read_text())
         m = trainer.memory
         run.update({"mem/hbm_planned_gib": m.hbm_bytes / 2**30, "mem/host_pinned_gib": m.pinned_bytes / 2**30,
-                    "mem/host_gib": m.host_bytes / 2**30})
+                    "mem/host_gib": m.ram_bytes / 2**30})
         (run_dir / "run.json").write_text(json.dumps(run, indent=1))
         trainer.plan.save(run_dir / "plan.json")
     try:

@@ -1,0 +1,108 @@
+"""The memory a plan implies, per tier: one accounting shared by the engine (which refuses a plan over budget
+before allocating) and the planner (which searches under the same budgets). Pure Python, no jax.
+
+The block backward's working memory was calibrated on the GPU machine: a recomputed GPT block (paper-6b,
+64 x 1024 tokens) needed 15.64 GiB of XLA temporaries, i.e. (16*D + 4*F) * 2 bytes per token.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from lohan_jax.plan import Plan, Tier, UpdateOn
+
+GIB = 2**30
+HEAD_CHUNK_NBYTES = GIB  # EdgePrograms' fp32-logits chunk
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    hbm: dict[str, int]
+    pinned: dict[str, int]
+    host: dict[str, int]  # pageable host memory
+    disk: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def hbm_bytes(self) -> int:
+        return sum(self.hbm.values())
+
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(self.pinned.values())
+
+    @property
+    def ram_bytes(self) -> int:
+        return sum(self.host.values()) + self.pinned_bytes
+
+    @property
+    def disk_bytes(self) -> int:
+        return sum(self.disk.values())
+
+    def describe(self) -> str:
+        rows = []
+        for tier, parts in (("HBM", self.hbm), ("pinned host", self.pinned), ("pageable host", self.host),
+                            ("disk", self.disk)):
+            detail = ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items() if v)
+            rows.append(f"  {tier:<14} {sum(parts.values()) / GIB:8.2f} GiB  ({detail})")
+        return "\n".join(rows)
+
+
+def block_work_nbytes(chunks: int, tokens: int, d: int, f: int, itemsize: int, w_nbytes: int) -> int:
+    """XLA temporaries of a block backward over `tokens` tokens in `chunks` slices."""
+    work = tokens // chunks * (16 * d + 4 * f) * itemsize
+    if chunks > 1:  # fp32 weight-gradient accumulator, the sliced input and the stacked input gradient
+        work += 2 * w_nbytes + 2 * tokens * d * itemsize
+    return work
+
+
+def estimate_memory(plan: Plan, *, unit_params: list[int], compute_itemsize: int, micro_batch: int, seq_len: int,
+                    d_model: int, d_ff: int, vocab_size: int, residual_nbytes: list[int], n_micro: int,
+                    runtime_nbytes: int = 0) -> MemoryEstimate:
+    """Peak bytes per tier of one step under `plan` (units in forward order: embed, blocks, head).
+
+    bf16 weights on disk are a planner-only tier (the engine refuses such plans): they are staged through
+    pinned memory a few units at a time instead of resident there.
+    """
+    units, blocks = plan.units, plan.blocks
+    w = [n * compute_itemsize for n in unit_params]
+    block_w = max(w[1:-1]) if len(w) > 2 else 0
+    tokens = micro_batch * seq_len
+    ckpt = tokens * d_model * compute_itemsize
+    cpu = [u.update_on is UpdateOn.CPU for u in units]
+    state_on_disk = [u.optim_state is Tier.DISK for u in units]
+    weights_on_disk = [u.weights is Tier.DISK for u in units]
+    accumulate = n_micro > 1
+    hbm = {
+        "resident weights": sum(wi for u, wi in zip(units, w) if u.weights is Tier.HBM),
+        "GPU optimizer state": sum(12 * n for n, c in zip(unit_params, cpu) if not c),
+        "GPU gradient accumulators": sum(4 * n for n, c in zip(unit_params, cpu) if not c and accumulate),
+        "streamed weights in flight": (plan.prefetch_depth + 1 + plan.keep_turn_blocks) * block_w,
+        "block inputs kept": sum(ckpt for b in blocks if not b.activations.swap_input),
+        "residuals kept": sum(r for b, r in zip(blocks, residual_nbytes) if not b.activations.swap),
+        "swapped activations in flight": (plan.prefetch_depth + 1) * (ckpt + max(residual_nbytes, default=0)),
+        "block backward working memory": max((block_work_nbytes(b.activations.chunks, tokens, d_model, d_ff,
+                                                                compute_itemsize, wi)
+                                              for b, wi in zip(blocks, w[1:-1])), default=0),
+        "head working memory": 3 * min(tokens * vocab_size * 4, HEAD_CHUNK_NBYTES) + 3 * ckpt + 2 * w[0],
+    }
+    staged = min(sum(weights_on_disk), plan.prefetch_depth + 2) * block_w
+    streamed = sum(wi for wi, c, dw in zip(w, cpu, weights_on_disk) if c and not dw) + staged
+    pinned = {
+        "streamed weights": streamed,
+        "gradients in flight": streamed,
+        "swapped block inputs": sum(ckpt for b in blocks if b.activations.swap_input),
+        "swapped residuals": sum(r for b, r in zip(blocks, residual_nbytes) if b.activations.swap),
+    }
+    disk_state = [n for n, ds in zip(unit_params, state_on_disk) if ds]
+    host = {
+        "fp32 master + Adam moments": sum(12 * n for n, c, ds in zip(unit_params, cpu, state_on_disk)
+                                          if c and not ds),
+        # reads in flight (prefetch_depth + 1) and writes in flight (2, each with TensorStore's encoded copy)
+        "disk state staging": (plan.prefetch_depth + 5) * 12 * max(disk_state, default=0),
+        "gradient accumulators": sum(4 * n for n, c in zip(unit_params, cpu) if c and accumulate),
+        "runtime": runtime_nbytes,
+    }
+    disk = {
+        "fp32 master + Adam moments": 12 * sum(disk_state),
+        "bf16 weights": sum(wi for wi, dw in zip(w, weights_on_disk) if dw),
+    }
+    return MemoryEstimate(hbm, pinned, host, disk)
