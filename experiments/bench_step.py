@@ -29,7 +29,7 @@ def _gpu_total_gib() -> float | None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--system", choices=["lohan_jax", "reference"], default="lohan_jax")
+    p.add_argument("--system", choices=["lohan_jax", "reference", "jax_native_offload"], default="lohan_jax")
     p.add_argument("--model", default="paper-6b")
     p.add_argument("--layers", type=int, default=0, help="override the number of blocks (0: the model's)")
     p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
@@ -51,11 +51,17 @@ def parse_args(argv=None):
                    help="hand plan: swap the inputs of only the first N blocks to host (-1: as --activations says)")
     p.add_argument("--prefetch", type=int, default=2)
     p.add_argument("--keep-turn", type=int, default=1)
+    p.add_argument("--plan-file", default="", help="run this saved plan (Plan.save JSON) instead of a hand plan")
+    p.add_argument("--clip-norm", type=float, default=0.0,
+                   help="clip_by_global_norm threshold (> 0 defers every update to after the backward)")
+    p.add_argument("--sync-updates", action="store_true",
+                   help="wait for every host update after each step: optimizer strictly after the backward")
     p.add_argument("--host-threads", type=int, default=0)
     p.add_argument("--experiment", default="step_throughput")
     p.add_argument("--out", default="experiments/results/step_throughput.jsonl")
     p.add_argument("--timeline", default="", help="directory for the last step's timeline (trace, PNG, summary)")
     p.add_argument("--no-peak", action="store_true", help="skip the block-only peak measurement")
+    p.add_argument("--mem-trace", default="", help="JSON lines of host memory every 2 s, by phase (survives OOM kills)")
     return p.parse_args(argv)
 
 
@@ -73,8 +79,14 @@ def main(argv=None) -> int:
     row = {"experiment": args.experiment, "system": args.system, "model": args.model, "seq_len": args.seq,
            "batch_tokens": args.batch * args.seq, "gpu_budget_gib": args.gpu_budget_gib or total, "n_gpus": 1,
            "steps": args.steps, "command": " ".join(["python", *sys.argv])}
+    from lohan_jax.memtrace import MemTrace
+    trace = MemTrace(args.mem_trace) if args.mem_trace else None
     try:
-        row.update(run(args))
+        if trace is not None:
+            with trace:
+                row.update(run(args, trace))
+        else:
+            row.update(run(args))
         row["status"] = "ok"
     except Exception as e:  # failures are results too (OOM above all)
         msg = f"{type(e).__name__}: {e}"
@@ -89,7 +101,7 @@ def main(argv=None) -> int:
     return 0 if row["status"] == "ok" else 1
 
 
-def run(args) -> dict:
+def run(args, trace=None) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -102,7 +114,7 @@ def run(args) -> dict:
 
     spec = get_spec(args.model, **({"n_layers": args.layers} if args.layers else {}))
     model = build_model(spec, jnp.bfloat16)
-    optim = OptimConfig(lr=1e-4, warmup_steps=0)
+    optim = OptimConfig(lr=1e-4, warmup_steps=0, clip_norm=args.clip_norm)
     b = args.batch // args.micro
     data = open_dataset("synthetic", seq_len=args.seq, batch_size=b, seed=0, vocab_size=spec.vocab_size)
     batches = [step_batch(data, s, args.micro) for s in range(args.steps)]
@@ -119,26 +131,45 @@ def run(args) -> dict:
         trainer = ReferenceTrainer(model, params, optim, args.steps, jnp.bfloat16)
         del params
         engine = None
+    elif args.system == "jax_native_offload":  # lohan_jax/baselines: one jitted step, state in pinned host memory
+        from lohan_jax.baselines import make_trainer
+        trainer, engine = make_trainer(args.system, model, optim, args.steps, batch_shape=(args.micro, b, args.seq)), None
     else:
+        if trace is not None:
+            trace.phase = "engine init"
         trainer = engine = make_engine(args, model, spec, optim, b)
+        print("memory plan:\n" + engine.memory.describe(), flush=True)
         out["plan"] = engine.plan.to_json()
     times, losses = [], []
     for s, batch in enumerate(batches):
+        if trace is not None:
+            trace.phase = f"step {s}"
         traced = args.timeline and s == len(batches) - 1 and engine is not None
         if traced:
             engine.timeline.clear()
             engine.timeline.enabled = True
         metrics = trainer.step(batch)
+        if args.sync_updates and engine is not None:
+            engine.worker.drain()
         losses.append(float(metrics["loss"]))
         times.append(time.perf_counter())
+        if s == 0 and engine is not None and engine.store is not None:  # disk bytes from here to the drain
+            disk0 = engine.store.counters.bytes_read + engine.store.counters.bytes_written
         print(f"step {s}: loss {losses[-1]:.4f} at {times[-1] - times[0]:.3f}s", flush=True)
     if engine is not None:
         engine.worker.drain()
+        if engine.store is not None:
+            for u in engine.units:  # the last writes land too: the disk rate covers all traffic since step 0
+                if u.write is not None:
+                    u.write.result()
+    t_drained = time.perf_counter()
     step_s = float(np.median(np.diff(times))) if len(times) > 2 else float("nan")
     f6 = model_flops_per_token(spec.nonembed_param_count(), spec.n_layers, spec.d_model, args.seq, spec.vocab_size)
     fp = paper_flops_per_token(spec.n_layers, spec.d_model, args.seq)
     out.update(step_s=step_s, tokens_per_s=tokens / step_s, tflops_6n=tokens * f6 / step_s / 1e12,
                tflops_paper=tokens * fp / step_s / 1e12, losses=losses, host_rss_peak_gib=_peak_rss_gib())
+    if hasattr(trainer, "report"):  # baselines: placement, compile time, XLA's memory analysis
+        out.update(trainer.report())
     if engine is not None:
         out.update({f"traffic_{k}_per_step": v for k, v in engine.traffic.items()})
         m = engine.memory
@@ -147,9 +178,11 @@ def run(args) -> dict:
         if engine.store is not None:
             c = engine.store.counters
             n = max(len(times) - 1, 1)
+            moved = c.bytes_read + c.bytes_written - disk0
             out.update(disk_bytes=engine.store.nbytes_on_disk(), disk_read_gb_total=c.bytes_read / 1e9,
-                       disk_write_gb_total=c.bytes_written / 1e9,
-                       disk_gbps_achieved=(c.bytes_read + c.bytes_written) / 1e9 / (times[-1] - times[0]) if n else None)
+                       disk_write_gb_total=c.bytes_written / 1e9, disk_gb_after_step0=moved / 1e9,
+                       disk_s_after_step0=t_drained - times[0], disk_read_ahead_peak=engine._disk_reads.peak_live,
+                       disk_gbps_achieved=moved / 1e9 / (t_drained - times[0]) if n else None)
         out["host_optim_busy_s_total"] = engine.worker.busy_s
         if args.timeline:
             out.update(_timeline_report(engine, Path(args.timeline), args))
@@ -171,8 +204,9 @@ def make_engine(args, model, spec, optim, b):
     from lohan_jax.timeline import Timeline
     import dataclasses
 
-    plan = uniform_plan(spec.n_layers, weights=args.weights, optim_state=args.optim_state,
-                        activations=args.activations, prefetch_depth=args.prefetch, keep_turn_blocks=args.keep_turn)
+    plan = Plan.load(args.plan_file) if args.plan_file else uniform_plan(
+        spec.n_layers, weights=args.weights, optim_state=args.optim_state, activations=args.activations,
+        prefetch_depth=args.prefetch, keep_turn_blocks=args.keep_turn)
     if args.gpu_state_blocks:
         gpu = dataclasses.replace(plan.blocks[0], weights=Tier.HBM, optim_state=Tier.HBM, update_on=UpdateOn.GPU)
         n = spec.n_layers - args.gpu_state_blocks

@@ -30,10 +30,13 @@ if [ "$part" = c ]; then  # batch 64 on the 24 GiB card: blocks run in 8 slices 
     --out "$out/engine_throughput.jsonl" --timeline "$out" > "$out/engine6b_b64.log" 2>&1
   grep -E "step [0-9]|engine ready|Error|error" "$out/engine6b_b64.log" | tail -8
 fi
-if [ "$part" = d ]; then  # paper-13b on all three tiers: last 12 blocks in HBM (GPU AdamW), 16:28 on disk, rest host
-  log 13B three tiers; timeout 560 python3 experiments/bench_step.py --system lohan_jax --model paper-13b --batch 8 \
-    --steps 3 --gpu-state-blocks 12 --disk-state-blocks 16:28 --disk-path /tmp/lohan_state --prefetch 1 \
-    --measure-disk-gib 4 --experiment largest_model --out "$out/largest_model.jsonl" --timeline "$out" --no-peak \
+if [ "$part" = d ]; then  # paper-13b on all three tiers: last 12 blocks in HBM (GPU AdamW), 15:28 on disk, rest host
+  # XLA grows its pinned pool (a BFC allocator) by doubling regions up to the limit: with the default limit
+  # (0.9 x RAM) one growth step at the first step took ~30 GB at once and the kernel killed the run; cap it
+  # at the plan's pinned need (17.6 GB of streamed weights + 12 GB of gradients in flight) plus a margin.
+  log 13B three tiers; XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=32 timeout 560 python3 experiments/bench_step.py --system lohan_jax --model paper-13b --batch 8 \
+    --steps 3 --gpu-state-blocks 12 --disk-state-blocks 15:28 --disk-path /tmp/lohan_state --prefetch 1 \
+    --measure-disk-gib 4 --experiment largest_model --out "$out/largest_model.jsonl" --timeline "$out" --no-peak --mem-trace "$out/mem13b.jsonl" \
     > "$out/engine13b.log" 2>&1; grep -E "step [0-9]|engine ready|raw disk|Error|error" "$out/engine13b.log" | tail -8
   free -g | head -2; df -h /tmp | tail -1
 fi

@@ -17,15 +17,15 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):  # the engine pulls in numba and the host kernels: import it on first use
-    if name == "OffloadEngine":
-        from lohan_jax.engine import OffloadEngine
-        return OffloadEngine
+    if name in ("OffloadEngine", "DataParallelEngine"):
+        import lohan_jax.engine
+        return getattr(lohan_jax.engine, name)
     if name == "ReferenceTrainer":
         from lohan_jax.reference import ReferenceTrainer
         return ReferenceTrainer
     raise AttributeError(f"module 'lohan_jax' has no attribute {name!r}")
 
 
-__all__ = ["ActivationPolicy", "Config", "ConfigError", "DecoderModel", "ModelSpec", "OffloadEngine", "OptimConfig",
-           "Plan", "ReferenceTrainer", "Tier", "UnitPlan", "UpdateOn", "build_model", "get_spec", "load_config",
-           "step_batch", "uniform_plan"]
+__all__ = ["ActivationPolicy", "Config", "ConfigError", "DataParallelEngine", "DecoderModel", "ModelSpec",
+           "OffloadEngine", "OptimConfig", "Plan", "ReferenceTrainer", "Tier", "UnitPlan", "UpdateOn", "build_model",
+           "get_spec", "load_config", "step_batch", "uniform_plan"]

@@ -10,17 +10,21 @@ from lohan_jax.config import ConfigError, load_config
 
 
 def _train(args: argparse.Namespace) -> int:
-    from lohan_jax.train import run_training
+    """Exit status: 0 done; 2 a bad config, path or plan (one line saying which); 1 a failure during the run
+    (a disk, a checkpoint, a non-finite step under train.on_nonfinite=stop); 130/143 stopped by SIGINT/SIGTERM
+    after saving a checkpoint (`--resume RUN_DIR` continues it)."""
     if args.resume:  # continue an earlier run: its own resolved config, plus any --set overrides
         from pathlib import Path
         saved = Path(args.resume) / "config.yaml"
-        if args.config or not saved.is_file():
-            raise ConfigError(f"--resume {args.resume}: expected a run directory holding config.yaml (and no CONFIG)")
-        run_training(load_config(saved, args.set), run_dir=args.resume, progress=not args.no_progress, resume=True)
-        return 0
-    cfg = load_config(args.config, args.set)
-    run_training(cfg, run_dir=args.run_dir, progress=not args.no_progress)
-    return 0
+        if args.config or args.run_dir or not saved.is_file():
+            raise ConfigError(f"--resume {args.resume}: expected a run directory holding config.yaml (and neither "
+                              "CONFIG nor --run-dir)")
+        cfg, run_dir, resume = load_config(saved, args.set), args.resume, True
+    else:
+        cfg, run_dir, resume = load_config(args.config, args.set), args.run_dir, False
+    from lohan_jax.train import run_training
+    result = run_training(cfg, run_dir=run_dir, progress=not args.no_progress, resume=resume)
+    return result.exit_status
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -75,12 +79,33 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"lohan-jax {args.command}: error: {e}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError) as e:
+        print(f"lohan-jax {args.command}: error: {e}", file=sys.stderr)  # the input: a config, path or plan
         return 2
     except KeyboardInterrupt:
         print(f"lohan-jax {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a failure while running: one line naming it; -v shows the traceback
+        if args.verbose:
+            raise
+        print(f"lohan-jax {args.command}: error: {_describe(e)}", file=sys.stderr)
+        return 1
+
+
+def _describe(e: BaseException) -> str:
+    """The failure a user can act on: the innermost of our own errors (a worker's RuntimeError wraps the
+    StoreError that says which unit and path), as one line."""
+    from lohan_jax.checkpoint import CheckpointError
+    from lohan_jax.faults import NonFiniteError
+    from lohan_jax.tiers.store import StoreError
+
+    ours = (CheckpointError, NonFiniteError, StoreError, OSError)
+    inner = e
+    while not isinstance(inner, ours) and (inner.__cause__ or inner.__context__) is not None:
+        inner = inner.__cause__ or inner.__context__
+    e = inner if isinstance(inner, ours) else e
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if isinstance(e, ours) else f"{type(e).__name__}: {text} (run with -v for the traceback)"
 
 
 if __name__ == "__main__":

@@ -24,6 +24,14 @@ class Schedule(str, enum.Enum):
     COSINE = "cosine"  # linear warmup, then cosine decay to min_lr_ratio * lr at train.steps
 
 
+class OnNonFinite(str, enum.Enum):
+    """What a step with a non-finite loss or gradient norm does (lohan_jax.engine.guard explains the check)."""
+
+    SKIP = "skip"  # apply none of its updates (weights, moments and Adam's step count unchanged), log it, go on
+    STOP = "stop"  # apply none of its updates and stop the run with an error naming the step and block
+    OFF = "off"  # no check: the update is applied, NaN and all (no per-step host sync; for benchmarks)
+
+
 class EngineKind(str, enum.Enum):
     OFFLOAD = "offload"  # block-by-block engine with host-resident state (the main path)
     REFERENCE = "reference"  # whole-model value_and_grad + optax.adamw, everything in device memory
@@ -86,6 +94,8 @@ class TrainConfig:
     run_dir: str = "runs"  # each run writes into run_dir/<model>-<timestamp>/
     checkpoint_every: int = 0  # save an orbax checkpoint every N steps and at the end (0 = never)
     keep_checkpoints: int = 3  # newest checkpoints kept
+    checkpoint_async: bool = True  # write checkpoints behind training (False: each save blocks until committed)
+    on_nonfinite: OnNonFinite = OnNonFinite.SKIP  # a step whose loss or gradient norm is NaN/inf: skip, stop, off
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "micro_batches", "seq_len", "log_every", "eval_batches"):
@@ -108,9 +118,11 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OffloadConfig:
-    """The offloaded engine's plan: a plan JSON file, or a uniform plan built from the fields below."""
+    """The offloaded engine's plan: the planner's (auto), a plan JSON file, or a uniform plan from the fields below."""
 
-    plan_file: str = ""  # a plan saved as JSON (Plan.save); overrides the uniform fields
+    plan: str = "auto"  # auto: the planner decides on a GPU (on the CPU the uniform fields apply) | uniform
+    machine: str = ""  # auto's machine: a built-in name or a profile file; "" = this GPU's profile, live capacities
+    plan_file: str = ""  # a plan saved as JSON (Plan.save); overrides plan and the uniform fields
     weights: str = "host"  # bf16 weights of the blocks: host (streamed each use) or hbm (resident)
     optim_state: str = "host"  # fp32 master + Adam moments of the blocks: host / disk (CPU AdamW), hbm (GPU AdamW)
     disk_path: str = ""  # directory for optimizer state on disk (TensorStore); needed when any state is on disk
@@ -122,8 +134,11 @@ class OffloadConfig:
     hbm_budget_gib: float = 0.0  # GPU memory the plan may use; 0 = what the device reports
     host_budget_gib: float = 0.0  # host RAM the plan may use; 0 = MemAvailable (cgroup-aware)
     timeline_step: int = -1  # record this step's timeline (trace JSON + PNG in the run dir); -1 = none
+    devices: int = 1  # GPUs of this host, data parallel (batch split, optimizer state sharded across them)
 
     def __post_init__(self):
+        _check(self.plan in ("auto", "uniform"), "offload.plan", self.plan,
+               "must be auto (the planner decides) or uniform (the fields of offload.*)")
         _check(self.weights in ("host", "hbm"), "offload.weights", self.weights, "must be host or hbm")
         _check(self.optim_state in ("host", "hbm", "disk"), "offload.optim_state", self.optim_state,
                "must be host, hbm or disk")
@@ -134,6 +149,7 @@ class OffloadConfig:
         _check(self.host_threads >= 0, "offload.host_threads", self.host_threads, "must be >= 0")
         _check(self.hbm_budget_gib >= 0, "offload.hbm_budget_gib", self.hbm_budget_gib, "must be >= 0 (0 = device)")
         _check(self.host_budget_gib >= 0, "offload.host_budget_gib", self.host_budget_gib, "must be >= 0 (0 = RAM)")
+        _check(self.devices >= 1, "offload.devices", self.devices, "must be >= 1")
         try:
             from lohan_jax.plan import ActivationPolicy
             ActivationPolicy.parse(self.activations)
@@ -184,16 +200,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist (or is not a file)")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {' '.join(str(e).split())}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {str(path)!r} cannot be read as UTF-8 text: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. optim.lr=1e-4")
-        _set_dotted(raw, key.strip().split("."), yaml.safe_load(value) if value.strip() else "")
+        keys = key.strip().split(".")
+        if not all(k.strip() for k in keys):
+            raise ConfigError(f"override {item!r}: {key!r} is not a dotted key like section.key")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({' '.join(str(e).split())})") from None
+        _set_dotted(raw, keys, parsed)
     return config_from_dict(raw)
 
 
@@ -313,4 +338,8 @@ def config_to_dict(cfg: Any) -> Any:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Written whole or not at all (a run killed here must still resume from its config.yaml)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(path)

@@ -12,6 +12,11 @@ from lohan_jax.plan import Plan, Tier, UpdateOn
 
 GIB = 2**30
 HEAD_CHUNK_NBYTES = GIB  # EdgePrograms' fp32-logits chunk
+# Disk-resident optimizer state in RAM: units read ahead of their update, and writes in flight. The disk moves a
+# block's state far slower than the CPU updates it, so one read ahead keeps the disk busy (engine/disk_reads.py).
+DISK_READ_WINDOW = 1
+DISK_WRITES_IN_FLIGHT = 2
+DISK_GRADS_IN_FLIGHT = DISK_READ_WINDOW + DISK_WRITES_IN_FLIGHT + 1  # their gradients waiting in pinned memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +61,11 @@ def block_work_nbytes(chunks: int, tokens: int, d: int, f: int, itemsize: int, w
 
 def estimate_memory(plan: Plan, *, unit_params: list[int], compute_itemsize: int, micro_batch: int, seq_len: int,
                     d_model: int, d_ff: int, vocab_size: int, residual_nbytes: list[int], n_micro: int,
-                    runtime_nbytes: int = 0) -> MemoryEstimate:
+                    runtime_nbytes: int = 0, hold_grads: bool = False) -> MemoryEstimate:
     """Peak bytes per tier of one step under `plan` (units in forward order: embed, blocks, head).
+
+    hold_grads: every host gradient waits for the global norm (clipping), instead of only a few of the units
+    whose state is on disk (their updates wait on the disk, so the backward waits for a free slot).
 
     bf16 weights on disk are a planner-only tier (the engine refuses such plans): they are staged through
     pinned memory a few units at a time instead of resident there.
@@ -86,9 +94,13 @@ def estimate_memory(plan: Plan, *, unit_params: list[int], compute_itemsize: int
     }
     staged = min(sum(weights_on_disk), plan.prefetch_depth + 2) * block_w
     streamed = sum(wi for wi, c, dw in zip(w, cpu, weights_on_disk) if c and not dw) + staged
+    disk_grads = [wi for wi, c, ds in zip(w, cpu, state_on_disk) if c and ds]
+    grads_in_flight = sum(wi for wi, c, ds in zip(w, cpu, state_on_disk) if c and not ds)
+    grads_in_flight += sum(disk_grads) if hold_grads or accumulate else \
+        min(len(disk_grads), DISK_GRADS_IN_FLIGHT) * max(disk_grads, default=0)
     pinned = {
         "streamed weights": streamed,
-        "gradients in flight": streamed,
+        "gradients in flight": grads_in_flight,
         "swapped block inputs": sum(ckpt for b in blocks if b.activations.swap_input),
         "swapped residuals": sum(r for b, r in zip(blocks, residual_nbytes) if b.activations.swap),
     }
@@ -96,8 +108,9 @@ def estimate_memory(plan: Plan, *, unit_params: list[int], compute_itemsize: int
     host = {
         "fp32 master + Adam moments": sum(12 * n for n, c, ds in zip(unit_params, cpu, state_on_disk)
                                           if c and not ds),
-        # reads in flight (prefetch_depth + 1) and writes in flight (2, each with TensorStore's encoded copy)
-        "disk state staging": (plan.prefetch_depth + 5) * 12 * max(disk_state, default=0),
+        # the read-ahead window (engine/disk_reads.py), the writes in flight (tiers/store.py) and one more
+        # for TensorStore's chunk copies and a read issued out of turn
+        "disk state staging": (DISK_READ_WINDOW + DISK_WRITES_IN_FLIGHT + 1) * 12 * max(disk_state, default=0),
         "gradient accumulators": sum(4 * n for n, c in zip(unit_params, cpu) if c and accumulate),
         "runtime": runtime_nbytes,
     }

@@ -43,6 +43,7 @@ def test_resume_is_bit_identical(kind, dtype, tmp_path):
     resumed_losses = [float(first.step(b)["loss"]) for b in batches[:SPLIT]]
     ckpt = Checkpointer(tmp_path / "ckpt")
     ckpt.save(SPLIT, first, None)
+    ckpt.close()  # the save is asynchronous: committed once this returns
     del first  # the "killed" run
     second = _make(kind, model, model.init(jax.random.key(9), SEQ), optim, tmp_path, "c")  # different init
     assert Checkpointer(tmp_path / "ckpt").restore(second) == SPLIT
@@ -63,7 +64,9 @@ def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
                           build_model(get_spec("gpt-tiny", n_layers=2), jnp.float32).init(jax.random.key(0), SEQ),
                           uniform_plan(2), optim=OptimConfig(), total_steps=2, micro_batch_shape=(BATCH, SEQ),
                           compute_dtype=jnp.float32)
-    Checkpointer(tmp_path / "two").save(1, other)
+    two = Checkpointer(tmp_path / "two")
+    two.save(1, other)
+    two.close()
     with pytest.raises(ValueError, match="does not match"):
         Checkpointer(tmp_path / "two").restore(eng)
 
@@ -88,3 +91,32 @@ def test_cli_resume_continues_the_run_exactly(tmp_path):
     a, b = losses("a"), losses("b")
     assert a == b and sorted(a) == [0, 1, 2, 3]
     assert sorted(int(p.name) for p in (tmp_path / "b" / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+
+
+def test_a_save_captures_its_step_boundary_while_training_goes_on(tmp_path):
+    """Asynchronous saves (a RAM snapshot, or tasks on the host worker ahead of the next updates) hold the state
+    of the step they were asked at, though the next steps update the same buffers meanwhile; so does a
+    synchronous one."""
+    model = build_model(get_spec("gpt-tiny", n_layers=3), jnp.float32)
+    params = model.init(jax.random.key(0), SEQ)
+    optim = OptimConfig(lr=3e-3, warmup_steps=1)
+    data = open_dataset("builtin:pydoc", tokenizer="byte", seq_len=SEQ, batch_size=BATCH, seed=0)
+    batches = [step_batch(data, s, 1) for s in range(STEPS)]
+    twin = _make("mixed", model, params, optim, tmp_path, "twin")
+    for b in batches[:SPLIT]:
+        twin.step(b)
+    expected = [np.asarray(x) for x in jax.tree.leaves(twin.state_dict())]
+    fresh = _make("mixed", model, model.init(jax.random.key(5), SEQ), optim, tmp_path, "fresh")
+    for mode in ("sync", "snapshot", "worker"):
+        eng = _make("mixed", model, params, optim, tmp_path, mode)
+        for b in batches[:SPLIT]:
+            eng.step(b)
+        ckpt = Checkpointer(tmp_path / mode, async_save=mode != "sync",
+                            ram_budget_bytes=0 if mode == "worker" else None)  # 0: no RAM for a snapshot
+        ckpt.save(SPLIT, eng)
+        for b in batches[SPLIT:]:  # updates the buffers the save is reading
+            eng.step(b)
+        ckpt.close()
+        assert Checkpointer(tmp_path / mode).restore(fresh) == SPLIT
+        for a, b in zip(jax.tree.leaves(fresh.state_dict()), expected):
+            np.testing.assert_array_equal(np.asarray(a), b, err_msg=mode)

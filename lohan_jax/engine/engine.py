@@ -10,12 +10,14 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import threading
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lohan_jax.engine import guard
 from lohan_jax.engine.host_updates import HostWorker
 from lohan_jax.engine.layout import FlatLayout
 from lohan_jax.engine.memory import Budgets, check_budgets, estimate_memory, machine_budgets
@@ -26,6 +28,8 @@ from lohan_jax.models import DecoderModel, Params
 from lohan_jax.optim import host_adamw
 from lohan_jax.plan import Plan, Tier
 from lohan_jax.tiers import MemorySpaces
+from lohan_jax.engine.disk_reads import DiskReadAhead
+from lohan_jax.plan_memory import DISK_GRADS_IN_FLIGHT, DISK_READ_WINDOW, DISK_WRITES_IN_FLIGHT
 from lohan_jax.tiers.store import StateStore
 from lohan_jax.timeline import Timeline
 
@@ -42,7 +46,7 @@ class OffloadEngine:
     def __init__(self, model: DecoderModel, params32: Params | Callable[[int], Any], plan: Plan, *, optim, total_steps: int,
                  micro_batch_shape: tuple[int, int], n_micro: int = 1, compute_dtype: Any = jnp.bfloat16,
                  timeline: Timeline | None = None, device: jax.Device | None = None,
-                 budgets: Budgets | None = None, disk_path: str | None = None):
+                 budgets: Budgets | None = None, disk_path: str | None = None, guard_nonfinite: bool = True):
         from lohan_jax.optim.schedule import make_schedule
 
         if len(plan.blocks) != model.n_layers:
@@ -51,11 +55,15 @@ class OffloadEngine:
         self.model, self.plan, self.optim, self.n_micro = model, plan, optim, n_micro
         self.compute_dtype = compute_dtype
         self.schedule = make_schedule(optim, total_steps)
-        self.spaces = MemorySpaces(device)
+        self.spaces = self._make_spaces(device)
         self.timeline = timeline if timeline is not None else Timeline(enabled=False)
         self.watcher = CompletionWatcher(self.timeline)
         self.traffic: collections.Counter = collections.Counter()
-        self._step = 0
+        self._step = 0  # optimizer steps applied (Adam's count): a skipped non-finite step does not count
+        self.guard_nonfinite = guard_nonfinite  # lohan_jax.engine.guard: a NaN/inf step applies no update
+        self.defer_updates = False  # hold this step's updates until its gradient norm is known (a torn replay)
+        self._unchecked: list = []  # fast-path steps whose gradient norm has not been checked yet
+        self._poison = None  # the running step's verdict once it is known to be skipped
         accumulate = n_micro > 1
         L = model.n_layers
         names = ["embed", *(f"block{i}" for i in range(L)), "head"]
@@ -76,7 +84,7 @@ class OffloadEngine:
             plan, unit_params=[lay.size for lay in layouts], compute_itemsize=jnp.dtype(compute_dtype).itemsize,
             micro_batch=b, seq_len=s, d_model=d, d_ff=spec.ff_dim if spec else 4 * d,
             vocab_size=spec.vocab_size if spec else 0, residual_nbytes=[p.residual_nbytes for p in self.block_programs],
-            n_micro=n_micro)
+            n_micro=n_micro, hold_grads=optim.clip_norm > 0)
         check_budgets(self.memory, budgets if budgets is not None else machine_budgets(self.spaces.device))
         log.info("memory plan:\n%s", self.memory.describe())
         self.store = None
@@ -86,8 +94,10 @@ class OffloadEngine:
                 raise ValueError("the plan keeps optimizer state on disk: set offload.disk_path to a directory "
                                  "on a fast local disk (NVMe)")
             StateStore.check_capacity(disk_path, 12 * disk_params)
-            self.store = StateStore(disk_path, timeline=self.timeline)
-        self._reads: dict[int, Any] = {}
+            self.store = StateStore(disk_path, timeline=self.timeline, max_writes_in_flight=DISK_WRITES_IN_FLIGHT)
+        self._disk_reads = DiskReadAhead(self.store, DISK_READ_WINDOW) if self.store is not None else None
+        # gradients of units whose state is on disk wait in pinned memory for the disk; a few at a time
+        self._disk_grad_slots = threading.BoundedSemaphore(DISK_GRADS_IN_FLIGHT)
         self.worker = HostWorker(self.timeline)
 
         if callable(params32):  # unit_params(k) -> tree: never more than one unit's fp32 copy in flight
@@ -95,8 +105,7 @@ class OffloadEngine:
         else:
             trees = [params32["embed"], *params32["blocks"], params32["head"]]
             unit_params = trees.__getitem__
-        self.units = [UnitState.create(k, n, p, _checked(unit_params(k), layouts[k], n), self.spaces,
-                                       compute_dtype, accumulate, self.store)
+        self.units = [self._create_unit(k, n, p, _checked(unit_params(k), layouts[k], n), compute_dtype, accumulate)
                       for k, (n, p) in enumerate(zip(names, plan.units))]
         self.embed_u, self.block_us, self.head_u = self.units[0], self.units[1:-1], self.units[-1]
         self.edges = EdgePrograms(model, self.embed_u.layout, self.head_u.layout)
@@ -111,20 +120,32 @@ class OffloadEngine:
     @classmethod
     def from_config(cls, cfg, model: DecoderModel, params32: Params, compute_dtype: Any,
                     timeline: Timeline | None = None) -> OffloadEngine:
-        """The engine for a run config: its plan file, or a uniform plan from `offload.*`."""
-        from lohan_jax.plan import uniform_plan
+        """The engine for a run config, running lohan_jax.preflight.run_plan's plan (file, auto or uniform)."""
+        from lohan_jax.preflight import run_plan
 
         o, t = cfg.offload, cfg.train
-        plan = Plan.load(o.plan_file) if o.plan_file else uniform_plan(
-            model.n_layers, weights=o.weights, optim_state=o.optim_state, activations=o.activations,
-            edges_on_gpu=o.edges_on_gpu, prefetch_depth=o.prefetch_depth, keep_turn_blocks=o.keep_turn_blocks)
+        device = jax.devices()[0]
+        plan = run_plan(cfg, device)
         if o.host_threads:
             host_adamw.set_num_threads(o.host_threads)
-        device = jax.devices()[0]
         return cls(model, params32, plan, optim=cfg.optim, total_steps=t.steps,
                    micro_batch_shape=(t.micro_batch_size, t.seq_len), n_micro=t.micro_batches,
                    compute_dtype=compute_dtype, timeline=timeline, device=device,
-                   budgets=machine_budgets(device, o.hbm_budget_gib, o.host_budget_gib), disk_path=o.disk_path or None)
+                   budgets=machine_budgets(device, o.hbm_budget_gib, o.host_budget_gib), disk_path=o.disk_path or None,
+                   guard_nonfinite=t.on_nonfinite.value != "off", **cls._config_kwargs(cfg))
+
+    # ---- what a subclass (DataParallelEngine) replaces -----------------------------------------------------
+    @classmethod
+    def _config_kwargs(cls, cfg) -> dict:
+        """Constructor arguments of a subclass, from the run config."""
+        return {}
+
+    def _make_spaces(self, device: jax.Device | None) -> Any:
+        return MemorySpaces(device)
+
+    def _create_unit(self, k: int, name: str, plan: Any, tree32: Any, compute_dtype: Any,
+                     accumulate: bool) -> UnitState:
+        return UnitState.create(k, name, plan, tree32, self.spaces, compute_dtype, accumulate, self.store)
 
     # ---- weights -----------------------------------------------------------------------------------------
     def _wait_update(self, u: UnitState) -> None:
@@ -157,22 +178,43 @@ class OffloadEngine:
         self.worker.check()
         self.traffic.clear()
         clip = self.optim.clip_norm > 0
+        # updates wait for the gradient norm when clipping, and with the guard on where they could not be
+        # undone otherwise: micro-batch sums, or a torn step being replayed (lohan_jax.engine.guard)
+        defer = clip or (self.guard_nonfinite and (self.defer_updates or self.n_micro > 1))
         lr = float(self.schedule(self._step))
         count = self._step + 1
         losses, sq_parts = [], []
+        self._poison = None
         for m in range(self.n_micro):
             mb = {k: self.spaces.to_hbm(np.asarray(v[m])) for k, v in batch.items()}
-            losses.append(self._forward_backward(mb, m, lr, count, clip, sq_parts))
-        if clip or self.n_micro > 1:
-            self._finish_deferred(lr, count, clip, sq_parts)
-        self._step += 1
+            losses.append(self._forward_backward(mb, m, lr, count, defer, sq_parts))
+            if self._poison is not None:
+                break
+        if self._poison is None and (defer or self.n_micro > 1):
+            self._finish_deferred(lr, count, clip, sq_parts, defer)
+        check = self._poison
+        if check is None:
+            self._step += 1
+            check = guard.speculative(self, sq_parts) if self.guard_nonfinite and not defer else guard.StepCheck()
+            if self.guard_nonfinite and not defer:
+                self._unchecked.append(check)
         loss = functools.reduce(jnp.add, losses)
         disk = {}
         if self.store is not None:  # cumulative: the writes of a step land during the next one
             c = self.store.counters
             disk = {"disk/read_gb_total": c.bytes_read / 1e9, "disk/write_gb_total": c.bytes_written / 1e9}
-        return {"loss": loss, "grad_norm": _LazyNorm(self, sq_parts), "lr": lr, **disk,
+        return {"loss": loss, "grad_norm": _LazyNorm(self, sq_parts), "lr": lr, "nonfinite": check, **disk,
                 **{f"traffic/{k[:-6]}_gb": v / 1e9 for k, v in self.traffic.items()}}
+
+    def check_nonfinite(self) -> None:
+        """Check the fast-path steps not checked yet; a torn one raises TornStepError (lohan_jax.engine.guard).
+        Called before any checkpoint is taken, so a torn state is never saved."""
+        pending, self._unchecked = self._unchecked, []
+        for check in pending:
+            if check.torn:
+                from lohan_jax.faults import TornStepError
+                raise TornStepError(f"a non-finite gradient in {check.unit} after updates of the same step were "
+                                    "applied (the fast path overlaps updates with the backward)", unit=check.unit)
 
     def _forward_backward(self, mb, m: int, lr: float, count: int, clip: bool, sq_parts: list) -> jax.Array:
         plan, L, depth = self.plan, len(self.block_us), self.plan.prefetch_depth
@@ -204,6 +246,10 @@ class OffloadEngine:
         loss, dx, g_head, g_tied, sq_head = self.edges.head_fwd_bwd(w_head, w_tied, x, mb["targets"], mb["weights"])
         self.watcher.watch("gpu", "head", sq_head)
         del x, w_head, w_tied
+        if self.guard_nonfinite and not (guard.finite(loss) and guard.finite(sq_head)):  # before any update
+            self._poison = guard.skipped(self, "loss" if not guard.finite(loss) else self.head_u.name)
+            sq_parts.append(float("nan"))  # the step's gradient norm is unknown: its backward never ran
+            return loss
         self._on_grad(self.head_u, g_head, sq_head, m, lr, count, clip, sq_parts)
         if m == self.n_micro - 1:  # optimizer state on disk: reads issued in backward order, ahead of the grads
             for j in range(L - 1, max(-1, L - 2 - depth), -1):
@@ -259,34 +305,45 @@ class OffloadEngine:
             else:
                 u.dev_acc = self._accumulate(jnp.zeros(g.shape, jnp.float32) if m == 0 else u.dev_acc, g)
             return
+        slot = single and not clip and u.on_disk
+        if slot:  # the disk is far slower than the backward: wait for one of its updates to finish
+            self._disk_grad_slots.acquire()
         g_host = self.spaces.to_host(g)
         self._count("d2h", "grad", g.nbytes, g_host, u.name)
         if single and clip:
             u.held_grad = g_host
         elif single:
-            self._submit_update(u, g_host, lr, count, 1.0)
+            self._submit_update(u, g_host, lr, count, 1.0, release_slot=slot)
         else:
             fused_update = last and not clip
             done = self.worker.submit(u.index, f"accumulate:{u.name}", g_host, functools.partial(
                 self._host_accumulate, u, m == 0, last, (lr, count) if fused_update else None))
             if fused_update:  # the next forward waits for this one; earlier accumulations need no wait
                 u.ready = done
+                if u.on_disk:
+                    self._disk_reads.submitted(u)
 
-    def _finish_deferred(self, lr: float, count: int, clip: bool, sq_parts: list) -> None:
-        """After the last backward: global norm (accumulated or clipped), then updates in forward order."""
+    def _finish_deferred(self, lr: float, count: int, clip: bool, sq_parts: list, defer: bool | None = None) -> None:
+        """After the last backward: global norm (accumulated or clipped), then updates in forward order.
+        `defer`: the host updates were held for the norm too (clipping, or the non-finite guard)."""
+        defer = clip if defer is None else defer
         if self.n_micro > 1:
             for u in self.units:
                 if not u.host_updated:
                     sq_parts.append(self._sq(u.dev_acc))
             sq_parts.append(_HostSq(self))
         scale = 1.0
-        if clip:
+        if clip or (defer and self.guard_nonfinite):
             norm = float(np.sqrt(sum(float(p) for p in sq_parts)))
-            scale = 1.0 if norm < self.optim.clip_norm else self.optim.clip_norm / norm
+            if self.guard_nonfinite and not np.isfinite(norm):  # nothing of this step has been applied yet
+                self._poison = guard.skipped(self, guard.first_offender(self, sq_parts))
+                return
+            if clip:
+                scale = 1.0 if norm < self.optim.clip_norm else self.optim.clip_norm / norm
         for u in self.units:  # forward order: the next forward's first blocks are updated first
             if not u.host_updated:
                 self._gpu_update(u, u.held_grad if self.n_micro == 1 else u.dev_acc, lr, count, scale)
-            elif clip:  # (without clipping the last accumulation already ran the update)
+            elif defer:  # (otherwise the last accumulation already ran the update)
                 self._submit_update(u, u.held_grad, lr, count, scale)
             u.held_grad = None
 
@@ -301,27 +358,46 @@ class OffloadEngine:
     def _prefetch_state(self, u: UnitState) -> None:
         """Issue the disk read of a unit's state, unless issued or its previous write is still in flight
         (then the update task reads it itself, after the write)."""
-        if u.on_disk and u.index not in self._reads and (u.write is None or u.write.done()):
-            self._reads[u.index] = self.store.read(u.name)
+        if u.on_disk:
+            self._disk_reads.prefetch(u)
 
-    def _submit_update(self, u: UnitState, g_host: Any, lr: float, count: int, scale: float) -> None:
-        read = self._reads.pop(u.index, None) if u.on_disk else None
-        u.ready = self.worker.submit(u.index, f"update:{u.name}", g_host,
-                                     functools.partial(self._host_update, u, lr, count, scale, read=read), deps=read)
+    def _submit_update(self, u: UnitState, g_host: Any, lr: float, count: int, scale: float,
+                       release_slot: bool = False) -> None:
+        deps = None
+        if u.on_disk:
+            self._disk_reads.submitted(u)
+            deps = _StateLanded(self._disk_reads, u)
+        fn = functools.partial(self._host_update, u, lr, count, scale)
+        if release_slot:
+            fn = functools.partial(self._releasing, fn, self._disk_grad_slots)
+        u.ready = self.worker.submit(u.index, f"update:{u.name}", g_host, fn, deps=deps)
 
-    def _host_update(self, u: UnitState, lr: float, count: int, scale: float, g_host: Any, read: Any = None) -> None:
+    @staticmethod
+    def _releasing(fn: Callable[[Any], None], slots: threading.BoundedSemaphore, g_host: Any) -> None:
+        try:
+            fn(g_host)
+        finally:
+            slots.release()
+
+    def _host_update(self, u: UnitState, lr: float, count: int, scale: float, g_host: Any) -> None:
         """Worker thread: fused AdamW from the landed gradient (or the accumulator) into the pinned weights.
         State on disk is read (ahead, normally), updated in the staging array and written back behind."""
-        grad = u.acc if g_host is None else _as_kernel_array(np.asarray(g_host))
         if u.on_disk:
-            if read is None:
-                if u.write is not None:
-                    u.write.result()
-                read = self.store.read(u.name)
-            state = read.result()
+            state = self._disk_reads.take(u).result()
             master, mu, nu = state[0], state[1], state[2]
         else:
             master, mu, nu = u.master, u.mu, u.nu
+        self._host_adamw(u, master, mu, nu, g_host, lr, count, scale)
+        if u.on_disk:
+            u.write = self.store.write(u.name, state)
+            self._disk_reads.released()
+        if not u.streamed:
+            u.stale = True
+
+    def _host_adamw(self, u: UnitState, master, mu, nu, g_host: Any, lr: float, count: int, scale: float) -> None:
+        """The fused kernel over the unit's flat state, from the landed gradient (None: the accumulator), writing
+        the next compute weights into the unit's pinned buffer. (DataParallelEngine runs it shard by shard.)"""
+        grad = u.acc if g_host is None else _as_kernel_array(np.asarray(g_host))
         bf16_out = u.host_w.view.dtype.itemsize == 2
         bounds, decay = u.layout.segments(self.optim.weight_decay)
         host_adamw.adamw_update_(master, mu, nu, grad, u.host_w.view.view(np.uint16) if bf16_out else None,
@@ -329,20 +405,19 @@ class OffloadEngine:
                                  seg_bounds=bounds, seg_decay=decay, grad_scale=scale)
         if not bf16_out:
             np.copyto(u.host_w.view, master)
-        if u.on_disk:
-            u.write = self.store.write(u.name, state)
-        if not u.streamed:
-            u.stale = True
 
     def _host_accumulate(self, u: UnitState, first: bool, last: bool, update: tuple | None, g_host: Any) -> None:
-        g = _as_kernel_array(np.asarray(g_host))
         if first:
             u.acc.fill(0.0)
-        host_adamw.accumulate_(u.acc, g)
+        self._host_add(u, g_host)
         if last:
             u.sq_host = float(np.dot(u.acc.astype(np.float64), u.acc.astype(np.float64)))
             if update is not None:
-                self._host_update(u, update[0], update[1], 1.0, None, read=self._reads.pop(u.index, None))
+                self._host_update(u, update[0], update[1], 1.0, None)
+
+    def _host_add(self, u: UnitState, g_host: Any) -> None:
+        """u.acc += the landed gradient (DataParallelEngine: shard by shard)."""
+        host_adamw.accumulate_(u.acc, _as_kernel_array(np.asarray(g_host)))
 
     # ---- evaluation and state ----------------------------------------------------------------------------
     def eval_loss(self, batch: dict[str, Any]) -> jax.Array:
@@ -399,10 +474,12 @@ class OffloadEngine:
                 u.dev_state = tuple(self.spaces.to_hbm(a) for a in (master, mu, nu))
                 u.dev_w = self.spaces.to_hbm(w)
             if u.host_w is not None:
-                u.host_w.view[...] = w
+                u.host_w.write(w)
                 u.stale = not u.streamed
             u.ready = None
-        self._reads.clear()
+        if self.store is not None:
+            self._disk_reads = DiskReadAhead(self.store, DISK_READ_WINDOW)
+        self._unchecked.clear()
         self._step = int(np.asarray(state["step"]).reshape(-1)[0])
 
     def close(self) -> None:
@@ -418,6 +495,16 @@ class OffloadEngine:
 def _as_kernel_array(a: np.ndarray) -> np.ndarray:
     """bf16 gradients go to the kernel as their uint16 bit patterns (numba has no bfloat16)."""
     return a.view(np.uint16) if a.dtype.itemsize == 2 else a
+
+
+class _StateLanded:
+    """A disk unit's update task is landed for the host worker once its state's read is done."""
+
+    def __init__(self, reads: DiskReadAhead, u: UnitState):
+        self._reads, self._u = reads, u
+
+    def done(self) -> bool:
+        return self._reads.landed(self._u)
 
 
 class _HostSq:

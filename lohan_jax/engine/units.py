@@ -54,22 +54,25 @@ class UnitState:
         w = master.astype(ml_dtypes.bfloat16 if np.dtype(compute_dtype) == np.dtype(ml_dtypes.bfloat16)
                           else np.float32)
         u = cls(index, name, plan, layout)
-        if u.on_disk:  # written once at start (one unit in RAM at a time), then read and written per update
-            store.write(name, np.stack([master, np.zeros_like(master), np.zeros_like(master)])).result()
-            u.acc = np.zeros_like(master) if accumulate else None
-            u.host_w = HostBuffer(spaces, w)
-            if not u.streamed:
-                u.dev_w = spaces.to_hbm(u.host_w.array)
-        elif u.host_updated:
-            u.master, u.mu, u.nu = master, np.zeros_like(master), np.zeros_like(master)
-            u.acc = np.zeros_like(master) if accumulate else None
-            u.host_w = HostBuffer(spaces, w)
-            if not u.streamed:
-                u.dev_w = spaces.to_hbm(u.host_w.array)
-        else:
-            u.dev_state = tuple(spaces.to_hbm(a) for a in (master, np.zeros_like(master), np.zeros_like(master)))
-            u.dev_w = spaces.to_hbm(w)
+        u.place(master, w, spaces, accumulate, store, HostBuffer)
         return u
+
+    def place(self, master: np.ndarray, w: np.ndarray, spaces: Any, accumulate: bool, store: Any,
+              host_buffer: type) -> None:
+        """Put the flat fp32 master (moments start at zero) and compute weights `w` where the plan says."""
+        zeros = np.zeros_like
+        if self.on_disk or self.host_updated:
+            if self.on_disk:  # written once at start (one unit in RAM at a time), then read and written per update
+                store.write(self.name, np.stack([master, zeros(master), zeros(master)])).result()
+            else:
+                self.master, self.mu, self.nu = master, zeros(master), zeros(master)
+            self.acc = zeros(master) if accumulate else None
+            self.host_w = host_buffer(spaces, w)
+            if not self.streamed:
+                self.dev_w = spaces.to_hbm(self.host_w.array)
+        else:
+            self.dev_state = tuple(spaces.to_hbm(a) for a in (master, zeros(master), zeros(master)))
+            self.dev_w = spaces.to_hbm(w)
 
     def master_tree(self, store: Any = None) -> Any:
         if self.on_disk:

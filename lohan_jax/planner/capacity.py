@@ -34,7 +34,7 @@ def memory(plan: Plan, wl: Workload) -> Memory:
     return estimate_memory(plan, unit_params=m.unit_params(), compute_itemsize=m.itemsize, micro_batch=wl.micro_batch,
                            seq_len=m.seq_len, d_model=m.d_model, d_ff=m.d_ff, vocab_size=m.vocab_size,
                            residual_nbytes=[wl.residual_nbytes(b.activations) for b in plan.blocks],
-                           n_micro=wl.n_micro, runtime_nbytes=RUNTIME_HOST_NBYTES)
+                           n_micro=wl.n_micro, runtime_nbytes=RUNTIME_HOST_NBYTES, hold_grads=wl.clip)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,6 +60,7 @@ def workload_for(cfg, model_profile=None):
 
 def _plan(args: argparse.Namespace) -> int:
     from lohan_jax.config import load_config
+    from lohan_jax.planner.auto import with_run_caps
     from lohan_jax.planner.explain import bottleneck, format_result
     from lohan_jax.planner.machines import machine
     from lohan_jax.planner.profile import load_profile
@@ -70,11 +71,7 @@ def _plan(args: argparse.Namespace) -> int:
     if args.profile:
         prof_machine, prof_model = load_profile(args.profile)
     m = machine(args.machine) if args.machine else prof_machine or machine(DEFAULT_MACHINE)
-    o = cfg.offload  # the run's own caps on the engine's budgets apply to the plan as well
-    if getattr(o, "hbm_budget_gib", 0.0):
-        m = m.with_(hbm_gib=min(m.hbm_gib, o.hbm_budget_gib) if m.hbm_gib else o.hbm_budget_gib)
-    if getattr(o, "host_budget_gib", 0.0):
-        m = m.with_(ram_gib=min(m.ram_gib, o.host_budget_gib) if m.ram_gib else o.host_budget_gib)
+    m = with_run_caps(m, cfg.offload)  # the run's own caps on the engine's budgets apply to the plan as well
     wl = workload_for(cfg, prof_model)
     opts = SearchOptions(allow_disk={"auto": None, "on": True, "off": False}[args.disk],
                          force_state="disk" if args.paper_placement else None)

@@ -1,4 +1,4 @@
 """Memory tiers: pinned host buffers and device placement (the only module applying memory kinds)."""
-from lohan_jax.tiers.memory import HostBuffer, MemorySpaces
+from lohan_jax.tiers.memory import HostBuffer, MemorySpaces, MeshSpaces, ShardedHostBuffer
 
-__all__ = ["HostBuffer", "MemorySpaces"]
+__all__ = ["HostBuffer", "MemorySpaces", "MeshSpaces", "ShardedHostBuffer"]

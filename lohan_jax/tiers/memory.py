@@ -11,7 +11,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 
 class MemorySpaces:
@@ -54,3 +54,56 @@ class HostBuffer:
     @property
     def nbytes(self) -> int:
         return self.array.nbytes
+
+    def write(self, values: np.ndarray) -> None:
+        """Overwrite the buffer (same contract as writing through `view`)."""
+        self.view[...] = values
+
+
+class MeshSpaces:
+    """HBM and pinned host memory of every device of a one-axis mesh (data parallel).
+
+    Arrays keep their sharding across memory kinds: a transfer moves each device's shard between that device's
+    HBM and its own pinned host buffer. Host numpy arrays are split along their first axis (a batch, or a flat
+    vector padded to a multiple of the device count).
+    """
+
+    def __init__(self, mesh: Mesh):
+        self.mesh = mesh
+        self.device = mesh.devices.flat[0]  # budgets are per device; every device is alike
+        axis = PartitionSpec(mesh.axis_names[0])
+        self.hbm = NamedSharding(mesh, axis, memory_kind="device")
+        self.host = NamedSharding(mesh, axis, memory_kind="pinned_host")
+        self.replicated = NamedSharding(mesh, PartitionSpec(), memory_kind="device")
+
+    def to_hbm(self, x: Any) -> Any:
+        return jax.device_put(x, x.sharding.with_memory_kind("device") if isinstance(x, jax.Array) else self.hbm)
+
+    def to_host(self, x: Any) -> Any:
+        return jax.device_put(x, x.sharding.with_memory_kind("pinned_host") if isinstance(x, jax.Array)
+                              else self.host)
+
+    def replicate(self, x: Any) -> Any:
+        """The same value in every device's HBM (small constants)."""
+        return jax.device_put(x, self.replicated)
+
+
+class ShardedHostBuffer:
+    """A flat vector split over the mesh's devices, each shard in that device's pinned host memory, plus a
+    writable numpy view of every shard (in device order). Same contract as HostBuffer."""
+
+    def __init__(self, spaces: MeshSpaces, values: np.ndarray):
+        self.array = spaces.to_host(np.ascontiguousarray(values))
+        self.array.block_until_ready()
+        shards = sorted(self.array.addressable_shards, key=lambda s: s.index[0].start or 0)
+        self.bounds = [(s.index[0].start or 0, s.index[0].stop or values.shape[0]) for s in shards]
+        self.views = [_writable_view(s.data) for s in shards]
+        self.dtype = self.array.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.array.nbytes
+
+    def write(self, values: np.ndarray) -> None:
+        for (lo, hi), view in zip(self.bounds, self.views):
+            view[...] = values[lo:hi]
