@@ -26,13 +26,19 @@ def make_reference_loss_and_grad(model: DecoderModel, compute_dtype: Any):
     def micro_loss(params32: Params, tokens, targets, weights):
         return model.loss(cast_floating(params32, compute_dtype), tokens, targets, weights)
 
+    return over_micro_batches(micro_loss)
+
+
+def over_micro_batches(micro_loss):
+    """micro_loss(params32, tokens, targets, weights) -> loss, made a (params32, step batch [M, b, S]) -> (loss,
+    fp32 grads) function that sums the micro-batches' losses and gradients in fp32 (one scan)."""
     grad_fn = jax.value_and_grad(micro_loss)
 
     def loss_and_grad(params32: Params, batch: dict[str, jax.Array]):
         def body(carry, mb):
             loss, grads = carry
-            l, g = grad_fn(params32, mb["tokens"], mb["targets"], mb["weights"])
-            return (loss + l, jax.tree.map(jnp.add, grads, g)), None
+            loss_mb, g = grad_fn(params32, mb["tokens"], mb["targets"], mb["weights"])
+            return (loss + loss_mb, jax.tree.map(jnp.add, grads, g)), None
 
         zeros = jax.tree.map(jnp.zeros_like, params32)
         (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), batch)

@@ -27,6 +27,7 @@ from jax.sharding import SingleDeviceSharding
 from lohan_jax.config import OptimConfig
 from lohan_jax.models import DecoderModel, Params, cast_floating, decay_mask
 from lohan_jax.optim.schedule import make_optax_adamw, make_schedule
+from lohan_jax.reference import over_micro_batches
 
 log = logging.getLogger(__name__)
 
@@ -77,19 +78,7 @@ def make_native_loss_and_grad(model: DecoderModel, compute_dtype: Any, remat: bo
             x = block_fn(p32, x)
         return model.head_loss(edges["head"], edges["embed"], x, targets, weights)
 
-    grad_fn = jax.value_and_grad(micro_loss)
-
-    def loss_and_grad(params32: Params, batch: dict[str, jax.Array]):
-        def body(carry, mb):
-            loss, grads = carry
-            loss_mb, g = grad_fn(params32, mb["tokens"], mb["targets"], mb["weights"])
-            return (loss + loss_mb, jax.tree.map(jnp.add, grads, g)), None
-
-        zeros = jax.tree.map(jnp.zeros_like, params32)
-        (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), batch)
-        return loss, grads
-
-    return loss_and_grad
+    return over_micro_batches(micro_loss)
 
 
 class JaxNativeOffloadTrainer:
