@@ -226,7 +226,8 @@ def _loop(cfg: Config, trainer, data, run_dir: Path, device, progress: bool, ckp
             writer.write(step, {"eval/loss": eval_now, "eval/ppl": _perplexity(eval_now)})
 
     with MetricsWriter(run_dir / "metrics.jsonl", stdout=False) as writer, GracefulStop() as stop:
-        pending, t_last, step, saved = None, time.perf_counter(), start, start
+        pending, step, saved = None, start, start
+        dispatched = {start - 1: time.perf_counter()}  # step -> when its dispatch returned
         while True:
             try:
                 out = None
@@ -242,6 +243,7 @@ def _loop(cfg: Config, trainer, data, run_dir: Path, device, progress: bool, ckp
                         trainer.timeline.enabled = True
                     trainer.defer_updates = step in replay_deferred
                     out = trainer.step(step_batch(data, step, t.micro_batches))
+                    dispatched[step] = time.perf_counter()
                     checks[step] = out.get("nonfinite")
                     if t.checkpoint_every and ((step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps):
                         ckpt.save(step + 1, trainer, cfg)  # batches resume from step + 1
@@ -249,8 +251,8 @@ def _loop(cfg: Config, trainer, data, run_dir: Path, device, progress: bool, ckp
                     if traced:
                         _write_timeline(trainer, out, run_dir, step)
                 if pending is not None:  # read step-1's metrics only after step's work is dispatched
-                    now = time.perf_counter()
-                    step_s, t_last = now - t_last, now
+                    # dispatch to dispatch: each step() returns once the engine can take the next one
+                    step_s = dispatched[pending[0]] - dispatched[pending[0] - 1]
                     if pending[0] > start:  # the first step includes compilation
                         step_times.append(step_s)
                     report(*pending, writer, step_s)
@@ -266,7 +268,7 @@ def _loop(cfg: Config, trainer, data, run_dir: Path, device, progress: bool, ckp
                 step, pending = _replay_torn(cfg, trainer, ckpt, torn, e), None
                 replay_deferred.add(torn)
                 checks.clear()
-                t_last = time.perf_counter()
+                dispatched = {step - 1: time.perf_counter()}
         bar.close()
         if stop.requested and step < t.steps:
             where = "nothing to save"
