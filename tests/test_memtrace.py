@@ -12,12 +12,13 @@ def test_snapshot_reads_proc():
 
 def test_trace_lines_follow_phases_and_growth(tmp_path):
     path = tmp_path / "mem.jsonl"
-    with MemTrace(path, every_s=0.01) as mt:
+    with MemTrace(path, every_s=0.05) as mt:
+        before = mt.sample()
         mt.phase = "alloc"
-        big = np.ones(64 << 20, np.uint8)  # 64 MiB touched
-        mt.sample()
+        big = np.ones(256 << 20, np.uint8)  # 256 MiB, every page touched
+        after = mt.sample()
         del big
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    assert rows[0]["phase"] in ("start", "alloc") and any(r["phase"] == "alloc" for r in rows)
-    assert mt.peak_rss_gib >= max(r["VmRSS"] for r in rows) - 1e-3
-    assert mt.peak_rss_gib - rows[0]["VmRSS"] > 0.05
+    assert rows[0]["phase"] == "start" and any(r["phase"] == "alloc" for r in rows)
+    assert after["VmRSS"] - before["VmRSS"] > 0.2
+    assert mt.peak_rss_gib >= after["VmRSS"] - 1e-3
