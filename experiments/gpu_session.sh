@@ -31,9 +31,9 @@ if [ "$part" = c ]; then  # batch 64 on the 24 GiB card: blocks run in 8 slices 
   grep -E "step [0-9]|engine ready|Error|error" "$out/engine6b_b64.log" | tail -8
 fi
 if [ "$part" = d ]; then  # paper-13b on all three tiers: last 12 blocks in HBM (GPU AdamW), 15:28 on disk, rest host
-  # XLA grows its pinned pool (a BFC allocator) by doubling regions up to the limit: with the default limit
-  # (0.9 x RAM) one growth step at the first step took ~30 GB at once and the kernel killed the run; cap it
-  # at the plan's pinned need (17.6 GB of streamed weights + 12 GB of gradients in flight) plus a margin.
+  # XLA's pinned pool (a BFC allocator) grows by doubling regions up to its limit and never shrinks: cap it at
+  # the plan's pinned need (17.6 GB of streamed weights + 12 GB of gradients in flight) plus a margin. (The OOM
+  # kills of 2026-11-25 were a leak of disk units' state, since fixed; the cap keeps the pool to the plan.)
   log 13B three tiers; XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=32 timeout 560 python3 experiments/bench_step.py --system lohan_jax --model paper-13b --batch 8 \
     --steps 3 --gpu-state-blocks 12 --disk-state-blocks 15:28 --disk-path /tmp/lohan_state --prefetch 1 \
     --measure-disk-gib 4 --experiment largest_model --out "$out/largest_model.jsonl" --timeline "$out" --no-peak --mem-trace "$out/mem13b.jsonl" \

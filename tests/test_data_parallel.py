@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_engine import _assert_close  # tests/ is on sys.path (pytest rootdir, or this file run as a script)
 
 from lohan_jax.batches import step_batch
 from lohan_jax.config import OptimConfig
@@ -80,16 +81,7 @@ def run_case(case: str, devices: int | None = None):
 def assert_close(ref, got, rtol=1e-5):
     """tests/test_engine.py's tolerance: losses to rtol, weights per leaf and as a whole (relative L2)."""
     (ref_losses, ref_params), (losses, params) = ref, got
-    np.testing.assert_allclose(losses, ref_losses, rtol=rtol)
-    flat_ref, tree_ref = jax.tree.flatten(ref_params)
-    flat, tree = jax.tree.flatten(params)
-    assert tree == tree_ref
-    diff2 = norm2 = 0.0
-    for a, b in zip(flat, flat_ref):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        diff2, norm2 = diff2 + np.sum((a - b) ** 2), norm2 + np.sum(b**2)
-        assert np.abs(a - b).max() < rtol * max(np.abs(b).max(), 1.0), (np.abs(a - b).max(), np.abs(b).max())
-    assert np.sqrt(diff2 / norm2) < rtol / 10
+    _assert_close(ref_losses, losses, ref_params, params, rtol)
 
 
 @pytest.fixture(scope="module")
