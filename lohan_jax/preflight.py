@@ -55,7 +55,7 @@ def run_plan(cfg: Config, device=None):
     o = cfg.offload
     if o.plan_file:
         return Plan.load(o.plan_file)
-    if o.plan == "auto" and device is not None and device.platform == "gpu" and getattr(o, "devices", 1) == 1:
+    if o.plan == "auto" and device is not None and device.platform == "gpu" and o.devices == 1:
         return _auto_plan(cfg, device)
     return uniform_plan(cfg.model.n_layers, weights=o.weights, optim_state=o.optim_state, activations=o.activations,
                         edges_on_gpu=o.edges_on_gpu, prefetch_depth=o.prefetch_depth,
@@ -90,7 +90,7 @@ def check_memory(cfg: Config, run_dir: str | Path | None = None, device=None) ->
     from lohan_jax.planner.capacity import memory
     from lohan_jax.planner.cli import workload_for
 
-    if getattr(cfg.offload, "devices", 1) > 1:  # per-device accounting is the data-parallel engine's own
+    if cfg.offload.devices > 1:  # per-device accounting is the data-parallel engine's own
         return
     device = device or jax.devices()[0]
     plan = run_plan(cfg, device)

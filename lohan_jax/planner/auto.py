@@ -34,9 +34,9 @@ class AutoPlan:
 
 def with_run_caps(m: MachineProfile, offload: Any) -> MachineProfile:
     """The run's caps on HBM and host RAM apply to the plan as they apply to the engine's budgets."""
-    if getattr(offload, "hbm_budget_gib", 0.0):
+    if offload.hbm_budget_gib:
         m = m.with_(hbm_gib=min(m.hbm_gib, offload.hbm_budget_gib) if m.hbm_gib else offload.hbm_budget_gib)
-    if getattr(offload, "host_budget_gib", 0.0):
+    if offload.host_budget_gib:
         m = m.with_(ram_gib=min(m.ram_gib, offload.host_budget_gib) if m.ram_gib else offload.host_budget_gib)
     return m
 
@@ -46,7 +46,7 @@ def live_machine(offload: Any, device: Any = None) -> MachineProfile:
     from lohan_jax.planner.machines import BUILTIN, machine
     from lohan_jax.planner.profile import available_ram_gib, disk_free_gib
 
-    if getattr(offload, "machine", ""):
+    if offload.machine:
         return with_run_caps(machine(offload.machine), offload)
     import jax
 
@@ -54,7 +54,7 @@ def live_machine(offload: Any, device: Any = None) -> MachineProfile:
 
     device = device or jax.devices()[0]
     known = [m for m in BUILTIN.values() if m.gpu == device.device_kind]
-    disk_path = getattr(offload, "disk_path", "")
+    disk_path = offload.disk_path
     if known:
         m = known[0].with_(hbm_gib=free_hbm_gib(device) or known[0].hbm_gib, ram_gib=available_ram_gib(),
                            source=f"{known[0].source}; capacities read live")
