@@ -1,0 +1,66 @@
+"""Question: how close is the planner's predicted step time to the measured one, for the planner's own plans, over
+two model sizes (GPT-3 1.3B, the paper's 6B), both GPU budgets (24 GiB, the paper's card, and the whole card) and
+two batches (8 and 32 x 1024 tokens)? Target (issue 5): within 10% for every run. Also answers whether the
+planner's plan reaches 8,000 tokens/s on the whole card and 5,000 at 24 GiB for 6B at batch 8.
+
+Each run is bench_step.py with `--plan-file` (the plan `lohan-jax plan` would print for the h100-80g machine at
+that cap); the row carries the planner's prediction for the plan it ran and the error (measured / predicted - 1).
+Default set, within one GPU-machine call (~8 min on the H100): the 1.3B runs first (short), then 6B.
+
+  python experiments/study_planner_accuracy.py                 # run (GPU machine), append, table, plot
+  python experiments/study_planner_accuracy.py --dry-run       # the commands and the time estimate
+  python experiments/study_planner_accuracy.py --plot-only     # redraw experiments/results/planner_accuracy.png
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import study_runner as sr  # noqa: E402
+
+EXPERIMENT = "planner_accuracy"
+MODELS = ("gpt3-1.3b", "paper-6b")
+CAPS = (24.0, 0.0)  # 0: the whole card
+BATCHES = (8, 32)
+TOLERANCE = 0.10
+
+
+def build_runs(args, plan_dir: Path, log_dir: Path) -> list[sr.Run]:
+    return [sr.lohan_run(model, batch, cap, steps=args.steps, plan_dir=plan_dir)
+            for model in MODELS for cap in CAPS for batch in BATCHES]
+
+
+def plot(rows: list[dict], png: Path) -> None:
+    fig, (ax,) = sr.new_figure(1, f"planner: predicted vs measured step time (planner's plans, h100-80g profile)\n"
+                                  f"band: +/-{TOLERANCE:.0%}")
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("predicted_step_s") and r.get("step_s")]
+    hi = max([max(r["predicted_step_s"], r["step_s"]) for r in ok] + [1.0]) * 1.15
+    xs = [0.05, hi]
+    ax.plot(xs, xs, color="black", lw=0.8)
+    ax.fill_between(xs, [x * (1 - TOLERANCE) for x in xs], [x * (1 + TOLERANCE) for x in xs], color="gray", alpha=0.2)
+    for r in ok:
+        cap = sr.cap_of(r)
+        ax.scatter(r["predicted_step_s"], r["step_s"], color="tab:blue" if r["model"] == MODELS[0] else "tab:red",
+                   marker="o" if cap else "s")
+        ax.annotate(f"{r['model']} b{sr.batch_of(r)} {cap or 'card'}", (r["predicted_step_s"], r["step_s"]),
+                    fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("predicted step time (s)")
+    ax.set_ylabel("measured step time (s, median after the first)")
+    ax.grid(alpha=0.3)
+    sr.save(fig, png)
+    for r in ok:
+        err = r["step_s"] / r["predicted_step_s"] - 1
+        print(f"{r['model']} b{sr.batch_of(r)} {sr.cap_of(r) or 'card'}: measured {r['step_s']:.3f} s, predicted "
+              f"{r['predicted_step_s']:.3f} s, error {err:+.1%} ({'within' if abs(err) <= TOLERANCE else 'OUTSIDE'} "
+              f"{TOLERANCE:.0%}); {r['tokens_per_s']:,.0f} tokens/s")
+
+
+def main(argv=None) -> int:
+    return sr.study_main(argv, experiment=EXPERIMENT, doc=__doc__, build_runs=build_runs, plot=plot)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
