@@ -45,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--disk-state-blocks", type=str, default="",
                    help="hand plan: blocks A:B (python range) keep their Adam state on disk (needs --disk-path)")
     p.add_argument("--disk-path", default="")
+    p.add_argument("--pinned-limit-gb", type=float, default=0.0,
+                   help="cap XLA's pinned host pool (XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB) at this many GB; the "
+                        "studies pass the plan's pinned need plus a margin (0: the environment's, else 120)")
     p.add_argument("--measure-disk-gib", type=float, default=0.0,
                    help="measure the disk's raw direct-I/O write and read rate on this many GiB, in the same run")
     p.add_argument("--swap-input-blocks", type=int, default=-1,
@@ -72,6 +75,9 @@ def main(argv=None) -> int:
         os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{min(args.gpu_budget_gib / total, 0.99):.4f}"
     else:  # the whole card (XLA's default pool is 75% of it)
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+    if args.pinned_limit_gb:  # before jax starts its GPU client: XLA's pinned pool grows by doubling regions up
+        # to this cap and never shrinks, so a cap far above the plan's need lets it take up to twice the need
+        os.environ["XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"] = f"{args.pinned_limit_gb:g}"
     os.environ.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", "120")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from lohan_jax.metrics import append_result

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import re
 import shlex
@@ -82,22 +83,66 @@ def planner_machine(cap_gib: float):
     return m.with_(hbm_gib=cap_gib) if cap_gib else m
 
 
+MODEL_PROFILES: dict = {}  # model -> its ModelProfile measured by `lohan-jax profile` (measure_model_profiles)
+
+
 def workload(model: str, batch: int, seq: int = 1024):
+    """The planner's workload: the model's measured profile where one was taken, else the analytic one."""
     from lohan_jax.models import get_spec
     from lohan_jax.planner import Workload, model_profile_from_spec
 
-    return Workload(model_profile_from_spec(get_spec(model), seq), batch)
+    mp = MODEL_PROFILES.get(model)
+    if mp is None or mp.seq_len != seq:
+        mp = model_profile_from_spec(get_spec(model), seq)
+    return Workload(mp, batch)
+
+
+def measure_model_profiles(models, log_dir: Path, *, micro_batch: int = 8, dry_run: bool = False) -> dict:
+    """Measure each model's per-block times on this GPU with `lohan-jax profile` (a child process: this one must
+    not take the GPU) and plan with them; a failed measurement leaves the analytic profile, logged."""
+    from lohan_jax.planner.profile import load_profile
+
+    got = {}
+    for model in models:
+        out = log_dir / f"profile_{model}.json"
+        argv = [sys.executable, "-m", "lohan_jax", "profile", "--quick", "--set", f"model.name={model}", "--set",
+                f"train.batch_size={micro_batch}", "--set", "train.seq_len=1024", "--set", "train.engine=offload",
+                "--out", str(out)]
+        if dry_run:
+            print(f"[profile {model}] ~45 s\n  {shlex.join(argv)}")
+            continue
+        log_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        with open(log_dir / f"profile_{model}.log", "w") as f:
+            rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=_child_env(),
+                                timeout=240).returncode
+        if rc == 0 and out.exists():
+            _, mp = load_profile(out)
+            if mp is not None and mp.measured:
+                got[model] = MODEL_PROFILES[model] = mp
+                print(f"[profile {model}] measured in {time.monotonic() - t0:.0f} s: block fwd {mp.block_fwd_ms:.2f} "
+                      f"ms, bwd (recompute) {mp.block_bwd_recompute_ms:.2f} ms at {mp.tokens_measured} tokens",
+                      flush=True)
+                continue
+        print(f"[profile {model}] failed (rc {rc}, log {log_dir / f'profile_{model}.log'}): analytic profile",
+              flush=True)
+    return got
 
 
 def planner_verdict(model: str, batch: int, cap_gib: float) -> dict:
     """The planner's answer for this configuration: its plan and prediction, or its refusal with the numbers."""
     from lohan_jax.planner import search, suggestions
+    from lohan_jax.planner.capacity import memory
 
     wl, m = workload(model, batch), planner_machine(cap_gib)
     r = search(wl, m)
     if r.plan is None:
         return {"fits": False, "problems": list(r.problems), "suggestions": suggestions(wl, m)}
+    # XLA's pinned pool grows by doubling up to its cap: cap it at the plan's need (+10%, +2 GB) so it cannot take
+    # twice the need (a 6B batch-32 plan needing 43 GiB pinned + 63 GiB pageable was OOM-killed under a 120 GB cap)
+    pinned_gb = (memory(r.plan, wl).pinned_bytes * 1.10 + 2e9) / 1e9
     return {"fits": True, "executable": r.executable, "plan": r.plan, "predicted_step_s": r.prediction.step_s,
+            "pinned_limit_gb": math.ceil(pinned_gb),
             "predicted_tokens_per_s": r.prediction.tokens_per_s,
             "disk_gib": sum(1 for u in r.plan.units if u.optim_state.value == "disk")}
 
@@ -135,7 +180,8 @@ def lohan_run(model: str, batch: int, cap_gib: float, *, steps: int = 3, plan_di
     verdict = planner_verdict(model, batch, cap_gib)
     base = ["--system", "lohan_jax", "--model", model, "--batch", str(batch), "--steps", str(steps), *_cap(cap_gib),
             *([] if peak else ["--no-peak"]), *extra_flags]
-    run = Run(label, "lohan_jax", model, (batch,), cap_gib, [], 0.0, {"planner_machine": "h100-80g"})
+    run = Run(label, "lohan_jax", model, (batch,), cap_gib, [], 0.0, {"planner_machine": "h100-80g",
+              "planner_model_profile": "measured" if model in MODEL_PROFILES else "analytic"})
     if not verdict["fits"]:
         run.skip, run.skip_status = ("refused by the planner (nothing fits this machine): "
                                      + "; ".join(verdict["problems"]) + ". Smallest changes: "
@@ -151,7 +197,7 @@ def lohan_run(model: str, batch: int, cap_gib: float, *, steps: int = 3, plan_di
         path = plan_dir / f"{_slug(label)}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         verdict["plan"].save(path)
-        flags = ["--plan-file", str(path)]
+        flags = ["--plan-file", str(path), "--pinned-limit-gb", f"{verdict['pinned_limit_gb']:.0f}"]
         if verdict["disk_gib"]:
             flags += ["--disk-path", f"/tmp/lohan_state_{_slug(label)}"]
     step_est = verdict["predicted_step_s"]
@@ -314,6 +360,8 @@ def study_main(argv, *, experiment: str, doc: str, build_runs, plot, budget_s: f
     p.add_argument("--plot-only", action="store_true", help="redraw the plot and table from the JSONL; run nothing")
     p.add_argument("--full", action="store_true", help="every configuration, not only the default set")
     p.add_argument("--only", default="", help="comma-separated systems to run (e.g. lohan_jax,deepspeed_zero_offload)")
+    p.add_argument("--labels", default="", help="comma-separated substrings: run only the configurations whose "
+                   "label contains one (e.g. 'b32,gpt3-1.3b'); --dry-run lists the labels")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per run; the first is the warm-up")
     p.add_argument("--budget-s", type=float, default=budget_s,
                    help="wall seconds for the whole study (planning included); runs whose estimate does not fit "
@@ -332,6 +380,8 @@ def study_main(argv, *, experiment: str, doc: str, build_runs, plot, budget_s: f
         if args.only:
             keep = set(args.only.split(","))
             runs = [r for r in runs if r.system in keep]
+        if args.labels:
+            runs = [r for r in runs if any(part in r.label for part in args.labels.split(","))]
         left = args.budget_s - (time.monotonic() - t_start)
         new = execute(runs, experiment=experiment, out=out, log_dir=log_dir, budget_s=left, dry_run=args.dry_run)
         if args.dry_run:
