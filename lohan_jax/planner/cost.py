@@ -8,6 +8,14 @@ lowest unit among the gradients that have landed, else waits on the oldest. Thre
 step time is the period between the heads of the last two (each forward finishes every pending update, so
 the pipeline is in its steady state from the second step on).
 
+Disk-tier optimizer state follows engine/disk_reads.py: at most DISK_READ_WINDOW units' state is in RAM, from
+the issue of its read until its update ends (then its write goes to the disk queue and the next read may be
+issued). With the window of one, a unit's read, its update and its write-back run one after another, unit
+after unit: the disk-state updates cost L x (read + update + write) per step, not max(disk, CPU). A read is
+issued by the backward ahead of the gradient while the window is free, else when the window frees for the
+update the worker runs next (a simplification: the replayed worker waits for that read, the engine's could
+run a host-state update meanwhile).
+
 `bounds` is the resource bound behind the paper's model (Ratel IV-D: each phase as a maximum over the GPU,
 each PCIe direction and the simplex disk), extended with the host optimizer and GPU-side updates: no
 schedule beats its busiest resource, and the gap between it and `predict` is what the engine's ordering
@@ -19,6 +27,7 @@ import dataclasses
 import heapq
 
 from lohan_jax.plan import Plan, Tier, UpdateOn, expected_traffic
+from lohan_jax.plan_memory import DISK_READ_WINDOW
 from lohan_jax.planner.profile import GB, MachineProfile
 from lohan_jax.planner.workload import Workload
 
@@ -54,6 +63,7 @@ class _Worker:
         self.n_pending = 0
         self.busy = 0.0
         self.on_done = None  # called with (task, end) when a task ends (disk write-back)
+        self.on_start = None  # called with (task, earliest start) when picked: the start (a disk read first)
 
     def submit(self, now: float, key: int, landed: float, dur: float, tag=None) -> list:
         self.advance(now)
@@ -108,6 +118,8 @@ class _Worker:
             if task[5] is not None:
                 task = None
         start = max(td, task[3])
+        if self.on_start is not None:
+            start = self.on_start(task, start)
         task[5] = end = start + task[4]
         self.t = end
         self.busy += task[4]
@@ -156,12 +168,16 @@ class _Replay:
         self.busy = dict.fromkeys(RESOURCES, 0.0)
         self.worker = _Worker()
         self.worker.on_done = self._written_back
+        self.worker.on_start = self._read_state
         self.ready: list = [None] * len(units)  # pending host task per unit
         self.stale = [False] * len(units)
         self.held: list = [None] * len(units)
         self.heads: list[float] = []
         self.reads: dict[int, float] = {}  # disk reads of optimizer state issued ahead: unit -> end
         self.written = [0.0] * len(units)  # end of each unit's last disk write-back
+        self.slots = [0.0] * DISK_READ_WINDOW  # heap: when each place for a unit's state in RAM is free
+        self.holds: set[int] = set()  # units whose update holds a place (released when it ends)
+        self.unread = 0  # disk-state updates submitted whose read is not issued yet
 
     # ---- resources ---------------------------------------------------------------------------------------
     def _gpu(self, dur: float, dep: float = 0.0) -> float:
@@ -188,18 +204,39 @@ class _Replay:
         self.busy["d2h"] += dur
         return self.d2h_t
 
-    def _disk(self, nbytes: int, write: bool, dep: float) -> float:
+    def _disk(self, nbytes: int, write: bool, dep: float, count: bool = True) -> float:
         dur = nbytes / (self.wr_bw if write else self.rd_bw)
         start = max(self.disk_t, dep)
         self.disk_t = start + dur
-        if not write:  # write-backs are counted when their update is submitted (they run lazily)
+        if count:  # state reads and write-backs are counted when their update is submitted (they run lazily)
             self.busy["disk"] += dur
         return self.disk_t
+
+    def _read_state(self, task: list, start: float) -> float:
+        """The worker picked a disk-state update: its state read (issued ahead, or now that a place in RAM is
+        free, after the unit's last write-back) must land before it runs."""
+        k = task[6]
+        if k is None:
+            return start
+        if k in self.reads:  # read ahead by the backward: it holds a place already
+            self.holds.add(k)
+            return max(start, self.reads.pop(k))
+        self.unread -= 1
+        if self.slots:  # issued when a place freed (or at the gradient's submission, if later)
+            self.holds.add(k)
+            issue = max(task[2], heapq.heappop(self.slots))
+        else:  # every place held by reads ahead: the engine's worker reads it anyway (DiskReadAhead.take)
+            issue = start
+        return max(start, self._disk(self.state_bytes[k], False, max(issue, self.written[k]), count=False))
 
     def _written_back(self, task: list, end: float) -> None:
         k = task[6]
         if k is not None:  # state (and weights) of a disk-tier unit go back after its update
-            self.written[k] = self._disk(self.state_bytes[k] + (self.w[k] if self.disk_w[k] else 0), True, end)
+            self.written[k] = self._disk(self.state_bytes[k] + (self.w[k] if self.disk_w[k] else 0), True, end,
+                                         count=False)
+            if k in self.holds:  # its place in RAM is free for the next read
+                self.holds.discard(k)
+                heapq.heappush(self.slots, end)
 
     # ---- the engine's operations -------------------------------------------------------------------------
     def _weights(self, k: int) -> float:
@@ -239,16 +276,21 @@ class _Replay:
                 self.ready[k] = task
 
     def _prefetch_state(self, k: int) -> None:
-        """OffloadEngine._prefetch_state: read a disk-tier unit's state ahead (after its last write-back)."""
-        if self.disk_s[k] and k not in self.reads:
-            self.reads[k] = self._disk(self.state_bytes[k], False, max(self.main, self.written[k]))
+        """OffloadEngine._prefetch_state (DiskReadAhead.prefetch): read a disk-tier unit's state ahead of its
+        gradient if a place in RAM is free, no submitted update waits for one, and its last write is done."""
+        if not self.disk_s[k] or k in self.reads:
+            return
+        self.worker.advance(self.main)
+        if self.unread or not self.slots or self.slots[0] > self.main or self.written[k] > self.main:
+            return
+        heapq.heappop(self.slots)
+        self.reads[k] = self._disk(self.state_bytes[k], False, self.main, count=False)
 
     def _submit(self, k: int, landed: float, dur: float, update: bool) -> list:
-        if update and self.disk_s[k]:  # the task also waits for its state's read
-            if k not in self.reads:
-                self._prefetch_state(k)
-            landed = max(landed, self.reads.pop(k))
-            self.busy["disk"] += (self.state_bytes[k] + (self.w[k] if self.disk_w[k] else 0)) / self.wr_bw
+        if update and self.disk_s[k]:  # the worker reads its state first (_read_state), writes it back after
+            self.unread += k not in self.reads
+            self.busy["disk"] += self.state_bytes[k] / self.rd_bw + \
+                (self.state_bytes[k] + (self.w[k] if self.disk_w[k] else 0)) / self.wr_bw
         self.busy["cpu"] += dur
         return self.worker.submit(self.main, k, landed, dur, k if update and self.disk_s[k] else None)
 

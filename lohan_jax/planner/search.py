@@ -53,8 +53,17 @@ class Genome:
 class SearchOptions:
     allow_disk: bool | None = None  # None: use the machine's disk tier only when nothing fits without it
     force_state: str | None = None  # "disk": every block's optimizer state on disk (the paper's placement)
+    force_weights: str | None = None  # "disk": every block's bf16 weights on disk too (the paper's system)
     margins: Margins = Margins()
     group_blocks: int = 0  # blocks per move in the first phase; 0: about L/16
+
+    def __post_init__(self):
+        for f in ("force_state", "force_weights"):
+            if getattr(self, f) not in (None, DISK):
+                raise ValueError(f"SearchOptions.{f}={getattr(self, f)!r}: None or {DISK!r}")
+        if self.force_weights == DISK and self.force_state != DISK:
+            raise ValueError("SearchOptions.force_weights='disk' needs force_state='disk' (weights on disk are "
+                             "updated where their state is read)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,16 +155,18 @@ def _moves(space: _Space, g: Genome, n: int) -> list[tuple[str, Genome]]:
     fwd, rev = range(L), range(L - 1, -1, -1)
     top = space.max_level
     rp = dataclasses.replace
+    free_state = space.opts.force_state != DISK  # forced: every block's state stays on disk (none on the GPU)
     out = [
-        ("gpu state (first blocks)", _apply(g, fwd, lambda b: b.state != GPU,
+        ("gpu state (first blocks)", _apply(g, fwd, lambda b: free_state and b.state != GPU,
                                              lambda b: rp(b, state=GPU, w_hbm=True, w_disk=False), n)),
-        ("gpu state (last blocks)", _apply(g, rev, lambda b: b.state != GPU,
+        ("gpu state (last blocks)", _apply(g, rev, lambda b: free_state and b.state != GPU,
                                             lambda b: rp(b, state=GPU, w_hbm=True, w_disk=False), n)),
         ("resident weights", _apply(g, rev, lambda b: b.state == HOST and not b.w_hbm, lambda b: rp(b, w_hbm=True), n)),
         ("keep block inputs", _apply(g, rev, lambda b: b.swap_input, lambda b: rp(b, swap_input=False), n)),
-        ("state disk -> host", _apply(g, fwd, lambda b: b.state == DISK and space.opts.force_state != DISK,
+        ("state disk -> host", _apply(g, fwd, lambda b: b.state == DISK and free_state,
                                       lambda b: rp(b, state=HOST, w_disk=False), n)),
-        ("weights disk -> host", _apply(g, fwd, lambda b: b.w_disk, lambda b: rp(b, w_disk=False), n)),
+        ("weights disk -> host", _apply(g, fwd, lambda b: b.w_disk and space.opts.force_weights != DISK,
+                                        lambda b: rp(b, w_disk=False), n)),
     ]
     if g.chunks == 1:  # the paper's order: every block's best-OB intermediate before anyone's next one
         by_level = lambda order: sorted(order, key=lambda i: g.blocks[i].level)
@@ -205,6 +216,7 @@ def _start(space: _Space, L: int) -> tuple[Genome | None, list[str]]:
     wl, opts = space.wl, space.opts
     b = wl.micro_batch
     state0 = DISK if opts.force_state == DISK else HOST
+    w_disk0 = opts.force_weights == DISK
     problems: list[str] = []
     tiers = [True] if opts.allow_disk is True or opts.force_state == DISK else \
         [False, True] if opts.allow_disk is None else [False]
@@ -213,7 +225,7 @@ def _start(space: _Space, L: int) -> tuple[Genome | None, list[str]]:
             break
         for chunks in [c for c in range(1, b + 1) if b % c == 0]:
             for depth, kt in ((2, 1), (1, 1), (1, 0)):
-                g = Genome(tuple(Block(state=state0) for _ in range(L)), HOST, chunks, depth, kt)
+                g = Genome(tuple(Block(state=state0, w_disk=w_disk0) for _ in range(L)), HOST, chunks, depth, kt)
                 over = space.over(g)
                 if "hbm" in over:
                     continue
