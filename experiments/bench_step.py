@@ -48,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--pinned-limit-gb", type=float, default=0.0,
                    help="cap XLA's pinned host pool (XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB) at this many GB; the "
                         "studies pass the plan's pinned need plus a margin (0: the environment's, else 120)")
+    p.add_argument("--disk-io-order", choices=["reordered", "naive"], default=None,
+                   help="disk state reads issued ahead of the updates (reordered) or only as each update starts, "
+                        "behind the previous write (naive: the paper's naive order); default: the plan's")
     p.add_argument("--measure-disk-gib", type=float, default=0.0,
                    help="measure the disk's raw direct-I/O write and read rate on this many GiB, in the same run")
     p.add_argument("--swap-input-blocks", type=int, default=-1,
@@ -188,6 +191,8 @@ def run(args, trace=None) -> dict:
             out.update(disk_bytes=engine.store.nbytes_on_disk(), disk_read_gb_total=c.bytes_read / 1e9,
                        disk_write_gb_total=c.bytes_written / 1e9, disk_gb_after_step0=moved / 1e9,
                        disk_s_after_step0=t_drained - times[0], disk_read_ahead_peak=engine._disk_reads.peak_live,
+                       disk_io_order=engine.plan.disk_io_order.value, disk_reads_ahead=engine._disk_reads.reads_ahead,
+                       disk_reads_at_update=engine._disk_reads.reads_at_update,
                        disk_gbps_achieved=moved / 1e9 / (t_drained - times[0]) if n else None)
         out["host_optim_busy_s_total"] = engine.worker.busy_s
         if args.timeline:
@@ -221,6 +226,8 @@ def make_engine(args, model, spec, optim, b):
         lo, hi = (int(v) for v in args.disk_state_blocks.split(":"))
         disk = dataclasses.replace(plan.blocks[0], weights=Tier.HOST, optim_state=Tier.DISK, update_on=UpdateOn.CPU)
         plan = dataclasses.replace(plan, blocks=tuple(disk if lo <= i < hi else u for i, u in enumerate(plan.blocks)))
+    if args.disk_io_order:
+        plan = dataclasses.replace(plan, disk_io_order=args.disk_io_order)
     if args.swap_input_blocks >= 0:  # the first blocks' inputs are needed last: swap those, keep the rest
         swapped = [dataclasses.replace(u, activations=dataclasses.replace(u.activations, swap_input=i < args.swap_input_blocks))
                    for i, u in enumerate(plan.blocks)]

@@ -130,6 +130,10 @@ class OffloadConfig:
     edges_on_gpu: bool = True  # embedding and head resident in HBM and updated there
     prefetch_depth: int = 2  # weight and activation uploads issued this many blocks ahead
     keep_turn_blocks: int = 1  # last blocks kept on the GPU from forward to backward
+    # disk-resident state: reordered (reads issued ahead of the updates) or naive (each read issued as its update
+    # starts, behind the previous write: the paper's naive order, for the ablation). Applies to auto and uniform
+    # plans and to `lohan-jax plan --out`; a plan file carries its own (Plan.disk_io_order)
+    disk_io_order: str = "reordered"
     host_threads: int = 0  # host AdamW threads; 0 = all cores but one (the dispatching thread keeps one)
     hbm_budget_gib: float = 0.0  # GPU memory the plan may use; 0 = what the device reports
     host_budget_gib: float = 0.0  # host RAM the plan may use; 0 = MemAvailable (cgroup-aware)
@@ -146,6 +150,8 @@ class OffloadConfig:
                "must name a directory when offload.optim_state=disk")
         _check(self.prefetch_depth >= 1, "offload.prefetch_depth", self.prefetch_depth, "must be >= 1")
         _check(self.keep_turn_blocks >= 0, "offload.keep_turn_blocks", self.keep_turn_blocks, "must be >= 0")
+        _check(self.disk_io_order in ("reordered", "naive"), "offload.disk_io_order", self.disk_io_order,
+               "must be reordered (disk reads issued ahead of the updates) or naive (each read as its update starts)")
         _check(self.host_threads >= 0, "offload.host_threads", self.host_threads, "must be >= 0")
         _check(self.hbm_budget_gib >= 0, "offload.hbm_budget_gib", self.hbm_budget_gib, "must be >= 0 (0 = device)")
         _check(self.host_budget_gib >= 0, "offload.host_budget_gib", self.host_budget_gib, "must be >= 0 (0 = RAM)")

@@ -23,6 +23,13 @@ class UpdateOn(str, enum.Enum):
     GPU = "gpu"
 
 
+class DiskIOOrder(str, enum.Enum):
+    """When the disk read of a unit's optimizer state is issued (units with state on disk only)."""
+
+    REORDERED = "reordered"  # ahead of its update (engine/disk_reads.py): reads leave the host worker's path
+    NAIVE = "naive"  # as its update starts, behind the previous unit's write: the paper's naive order (ablation)
+
+
 @dataclasses.dataclass(frozen=True)
 class ActivationPolicy:
     """What a block keeps for its backward.
@@ -113,8 +120,14 @@ class Plan:
     notes: tuple[str, ...] = ()
     predicted_tokens_per_s: float | None = None  # the planner's prediction for the batch it planned
     predicted_bottleneck: str | None = None  # the resource that bounds the predicted step (planner)
+    disk_io_order: DiskIOOrder = DiskIOOrder.REORDERED  # disk state reads issued ahead, or only as updates start
 
     def __post_init__(self):
+        try:
+            object.__setattr__(self, "disk_io_order", DiskIOOrder(self.disk_io_order))
+        except ValueError:
+            raise ValueError(f"disk_io_order={self.disk_io_order!r} must be one of "
+                             f"{[o.value for o in DiskIOOrder]}") from None
         if self.prefetch_depth < 1:
             raise ValueError(f"prefetch_depth={self.prefetch_depth} must be >= 1")
         if not 0 <= self.keep_turn_blocks <= len(self.blocks):
@@ -156,7 +169,8 @@ class Plan:
                    prefetch_depth=d.get("prefetch_depth", 2), keep_turn_blocks=d.get("keep_turn_blocks", 1),
                    predicted_step_s=d.get("predicted_step_s"), notes=tuple(d.get("notes", ())),
                    predicted_tokens_per_s=d.get("predicted_tokens_per_s"),
-                   predicted_bottleneck=d.get("predicted_bottleneck"))
+                   predicted_bottleneck=d.get("predicted_bottleneck"),
+                   disk_io_order=d.get("disk_io_order", DiskIOOrder.REORDERED.value))
 
     @classmethod
     def load(cls, path: str | Path, executable_only: bool = True) -> Plan:
@@ -187,7 +201,8 @@ def _to_jsonable(x: Any) -> Any:
 
 
 def uniform_plan(n_layers: int, *, weights: str = "host", optim_state: str = "host", activations: str = "recompute",
-                 edges_on_gpu: bool = True, prefetch_depth: int = 2, keep_turn_blocks: int = 1) -> Plan:
+                 edges_on_gpu: bool = True, prefetch_depth: int = 2, keep_turn_blocks: int = 1,
+                 disk_io_order: str = "reordered") -> Plan:
     """Every block placed alike; the embedding and head (small, used at both ends of the step) on the GPU."""
     state = Tier(optim_state)
     block = UnitPlan(weights=Tier.HBM if state is Tier.HBM else Tier(weights), optim_state=state,
@@ -196,7 +211,7 @@ def uniform_plan(n_layers: int, *, weights: str = "host", optim_state: str = "ho
     edge = UnitPlan(Tier.HBM, Tier.HBM, UpdateOn.GPU) if edges_on_gpu else UnitPlan(
         Tier.HOST if block.weights is Tier.HOST else Tier.HBM, state, block.update_on)
     return Plan(embed=edge, blocks=(block,) * n_layers, head=edge, prefetch_depth=prefetch_depth,
-                keep_turn_blocks=min(keep_turn_blocks, n_layers))
+                keep_turn_blocks=min(keep_turn_blocks, n_layers), disk_io_order=disk_io_order)
 
 
 def expected_traffic(plan: Plan, *, weight_nbytes: list[int], residual_nbytes: list[int], ckpt_nbytes: int,

@@ -56,10 +56,11 @@ def run_plan(cfg: Config, device=None):
     if o.plan_file:
         return Plan.load(o.plan_file)
     if o.plan == "auto" and device is not None and device.platform == "gpu" and o.devices == 1:
-        return _auto_plan(cfg, device)
+        # the planner models the reordered disk I/O; the naive order is an engine knob for the ablation
+        return dataclasses.replace(_auto_plan(cfg, device), disk_io_order=o.disk_io_order)
     return uniform_plan(cfg.model.n_layers, weights=o.weights, optim_state=o.optim_state, activations=o.activations,
                         edges_on_gpu=o.edges_on_gpu, prefetch_depth=o.prefetch_depth,
-                        keep_turn_blocks=o.keep_turn_blocks)
+                        keep_turn_blocks=o.keep_turn_blocks, disk_io_order=o.disk_io_order)
 
 
 _AUTO: dict = {}

@@ -192,12 +192,12 @@ def test_ablation_dry_run_prints_every_command(sr, tmp_path, capsys):
     assert study_ablation.main(["--dry-run", "--log-dir", str(tmp_path), "--out", str(tmp_path / "a.jsonl")]) == 0
     text = capsys.readouterr().out
     assert text.count("experiments/bench_step.py --system lohan_jax") >= 4
-    assert "naive disk I/O order" in text and "estimated total" in text
+    assert "--disk-io-order naive" in text and "estimated total" in text
     assert "--plan-file" in text and "--clip-norm 1e9 --sync-updates" in text
     assert not (tmp_path / "a.jsonl").exists()
     bench_step = _load("experiments/bench_step.py", "bench_step")
     commands = [shlex.split(line) for line in text.splitlines() if line.startswith("  ")]
-    assert len(commands) == 7 and all(argv[1] == sr.BENCH for argv in commands)
+    assert len(commands) == 8 and all(argv[1] == sr.BENCH for argv in commands)
     for argv in commands:  # every flag the study passes exists in bench_step
         bench_step.parse_args(argv[2:])
 

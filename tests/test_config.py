@@ -151,6 +151,7 @@ def test_wrong_types_are_rejected(override, names):
     ("train.attention=flash", ["train.attention", "cudnn"]),
     ("data.token_dtype=int8", ["data.token_dtype", "uint16"]),
     ("offload.weights=disk", ["offload.weights", "host or hbm"]),
+    ("offload.disk_io_order=optimized", ["offload.disk_io_order", "reordered", "naive"]),
 ])
 def test_bad_enum_values_list_the_choices(override, names):
     with pytest.raises(ConfigError) as e:

@@ -7,6 +7,11 @@ disk unit's state in RAM at once (45 GB for 12 blocks of 13B: the host OOM of 20
 states are live, and reads are issued in the order the host worker runs the updates: among the units whose
 gradient has been submitted, the lowest index first (the worker's forward-need order); before any is submitted,
 the backward loop asks for the first ones in backward order.
+
+With read_ahead=False (the plan's disk_io_order "naive", for the ablation) nothing is read ahead: a unit's read
+is issued by its update task as it starts, i.e. after the previous disk unit's write was issued, so on the
+simplex disk each read queues behind the write before it (read i, Adam i, write i, read i-1: the paper's naive
+order) and the host worker waits for every read.
 """
 from __future__ import annotations
 
@@ -15,24 +20,30 @@ from typing import Any
 
 
 class DiskReadAhead:
-    def __init__(self, store: Any, window: int = 1):
+    def __init__(self, store: Any, window: int = 1, read_ahead: bool = True):
         if window < 1:
             raise ValueError(f"disk read-ahead window must be >= 1, got {window}")
-        self.store, self.window = store, window
+        self.store, self.window, self.read_ahead = store, window, read_ahead
         self._lock = threading.Lock()
         self._reads: dict[int, Any] = {}  # unit index -> read future, issued and not yet taken by its update
         self._waiting: dict[int, Any] = {}  # unit index -> unit: gradient submitted, no read issued yet
         self._live = 0
         self.peak_live = 0
+        self.reads_ahead = 0  # reads issued before their update started (cumulative)
+        self.reads_at_update = 0  # reads issued by the update itself: naive order, or a write was in flight
 
     def prefetch(self, u: Any) -> None:
         """Main thread: read ahead of the gradient, if the window has room and no write of u is in flight."""
+        if not self.read_ahead:
+            return
         with self._lock:
             if u.index not in self._reads and self._live < self.window and _writable(u):
                 self._issue(u)
 
     def submitted(self, u: Any) -> None:
         """Main thread: u's gradient went to the worker; its read is issued as soon as the window allows."""
+        if not self.read_ahead:
+            return
         with self._lock:
             if u.index not in self._reads:
                 self._waiting[u.index] = u
@@ -83,6 +94,9 @@ class DiskReadAhead:
         self.peak_live = max(self.peak_live, self._live)
         if keep:
             self._reads[u.index] = fut
+            self.reads_ahead += 1
+        else:
+            self.reads_at_update += 1
         return fut
 
 

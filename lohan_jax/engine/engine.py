@@ -26,7 +26,7 @@ from lohan_jax.engine.units import UnitState
 from lohan_jax.engine.watcher import CompletionWatcher
 from lohan_jax.models import DecoderModel, Params
 from lohan_jax.optim import host_adamw
-from lohan_jax.plan import Plan, Tier
+from lohan_jax.plan import DiskIOOrder, Plan, Tier
 from lohan_jax.tiers import MemorySpaces
 from lohan_jax.engine.disk_reads import DiskReadAhead
 from lohan_jax.plan_memory import DISK_GRADS_IN_FLIGHT, DISK_READ_WINDOW, DISK_WRITES_IN_FLIGHT
@@ -95,7 +95,7 @@ class OffloadEngine:
                                  "on a fast local disk (NVMe)")
             StateStore.check_capacity(disk_path, 12 * disk_params)
             self.store = StateStore(disk_path, timeline=self.timeline, max_writes_in_flight=DISK_WRITES_IN_FLIGHT)
-        self._disk_reads = DiskReadAhead(self.store, DISK_READ_WINDOW) if self.store is not None else None
+        self._disk_reads = self._new_disk_reads()
         # gradients of units whose state is on disk wait in pinned memory for the disk; a few at a time
         self._disk_grad_slots = threading.BoundedSemaphore(DISK_GRADS_IN_FLIGHT)
         self.worker = HostWorker(self.timeline)
@@ -355,6 +355,13 @@ class OffloadEngine:
         u.dev_acc = None
         self.watcher.watch("gpu", f"update:{u.name}", u.dev_w)
 
+    def _new_disk_reads(self) -> DiskReadAhead | None:
+        """Reads of disk-resident state: ahead of the updates, or (naive order) only as each update starts."""
+        if self.store is None:
+            return None
+        return DiskReadAhead(self.store, DISK_READ_WINDOW,
+                             read_ahead=self.plan.disk_io_order is DiskIOOrder.REORDERED)
+
     def _prefetch_state(self, u: UnitState) -> None:
         """Issue the disk read of a unit's state, unless issued or its previous write is still in flight
         (then the update task reads it itself, after the write)."""
@@ -366,7 +373,8 @@ class OffloadEngine:
         deps = None
         if u.on_disk:
             self._disk_reads.submitted(u)
-            deps = _StateLanded(self._disk_reads, u)
+            if self._disk_reads.read_ahead:  # (naive order: the task reads its state itself, as it starts)
+                deps = _StateLanded(self._disk_reads, u)
         fn = functools.partial(self._host_update, u, lr, count, scale)
         if release_slot:
             fn = functools.partial(self._releasing, fn, self._disk_grad_slots)
@@ -477,8 +485,7 @@ class OffloadEngine:
                 u.host_w.write(w)
                 u.stale = not u.streamed
             u.ready = None
-        if self.store is not None:
-            self._disk_reads = DiskReadAhead(self.store, DISK_READ_WINDOW)
+        self._disk_reads = self._new_disk_reads()
         self._unchecked.clear()
         self._step = int(np.asarray(state["step"]).reshape(-1)[0])
 
