@@ -52,7 +52,10 @@ def parse_args(argv=None):
                    help="disk state reads issued ahead of the updates (reordered) or only as each update starts, "
                         "behind the previous write (naive: the paper's naive order); default: the plan's")
     p.add_argument("--measure-disk-gib", type=float, default=0.0,
-                   help="measure the disk's raw direct-I/O write and read rate on this many GiB, in the same run")
+                   help="measure the disk's raw direct-I/O write, read and mixed rate on this many GiB, same run")
+    p.add_argument("--disk-io-mode", choices=["default", "direct"], default="default",
+                   help="the state store's file I/O (offload.disk_io_mode)")
+    p.add_argument("--disk-io-concurrency", type=int, default=8, help="offload.disk_io_concurrency")
     p.add_argument("--swap-input-blocks", type=int, default=-1,
                    help="hand plan: swap the inputs of only the first N blocks to host (-1: as --activations says)")
     p.add_argument("--prefetch", type=int, default=2)
@@ -132,7 +135,8 @@ def run(args, trace=None) -> dict:
 
     if args.measure_disk_gib and args.disk_path:
         os.makedirs(args.disk_path, exist_ok=True)
-        out.update(measure_disk(args.disk_path, args.measure_disk_gib))
+        from lohan_jax.tiers.disk_probe import measure_raw_disk
+        out.update(measure_raw_disk(args.disk_path, args.measure_disk_gib))
         print("raw disk:", out, flush=True)
     if args.system == "reference":
         from lohan_jax.reference import ReferenceTrainer
@@ -252,7 +256,8 @@ def make_engine(args, model, spec, optim, b):
     t0 = time.perf_counter()
     engine = OffloadEngine(model, unit_params, plan, optim=optim, total_steps=args.steps,
                            micro_batch_shape=(b, args.seq), n_micro=args.micro, compute_dtype=jnp.bfloat16,
-                           timeline=Timeline(enabled=False), disk_path=args.disk_path or None)
+                           timeline=Timeline(enabled=False), disk_path=args.disk_path or None,
+                           disk_io_mode=args.disk_io_mode, disk_io_concurrency=args.disk_io_concurrency)
     print(f"engine ready in {time.perf_counter() - t0:.1f}s; plan:\n{plan.table()}", flush=True)
     return engine
 
@@ -310,31 +315,6 @@ def _block_peak(engine, spec, b, args, tokens, achieved) -> dict:
     peak = b * args.seq / per_micro
     return {"block_ms": t_block * 1e3, "head_ms": t_head * 1e3, "block_peak_tokens_per_s": peak,
             "fraction_of_block_peak": achieved / peak}
-
-
-def measure_disk(path: str, gib: float) -> dict:
-    """Raw sequential direct-I/O write then read of `gib` GiB in 64 MiB blocks (the disk's own rate)."""
-    import mmap
-    block = 64 << 20
-    n = max(1, int(gib * 2**30 / block))
-    buf = mmap.mmap(-1, block)
-    buf.write(os.urandom(1 << 20) * 64)
-    f = os.path.join(path, "raw_disk_probe.bin")
-    fd = os.open(f, os.O_CREAT | os.O_WRONLY | os.O_TRUNC | getattr(os, "O_DIRECT", 0))
-    t0 = time.perf_counter()
-    for _ in range(n):
-        os.write(fd, buf)
-    os.fsync(fd)
-    os.close(fd)
-    write_gbps = n * block / 1e9 / (time.perf_counter() - t0)
-    fd = os.open(f, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-    t0 = time.perf_counter()
-    for _ in range(n):
-        os.readv(fd, [buf])
-    os.close(fd)
-    read_gbps = n * block / 1e9 / (time.perf_counter() - t0)
-    os.remove(f)
-    return {"disk_raw_write_gbps": write_gbps, "disk_raw_read_gbps": read_gbps}
 
 
 def _peak_rss_gib() -> float:

@@ -126,6 +126,8 @@ class OffloadConfig:
     weights: str = "host"  # bf16 weights of the blocks: host (streamed each use) or hbm (resident)
     optim_state: str = "host"  # fp32 master + Adam moments of the blocks: host / disk (CPU AdamW), hbm (GPU AdamW)
     disk_path: str = ""  # directory for optimizer state on disk (TensorStore); needed when any state is on disk
+    disk_io_mode: str = "default"  # the disk state's file I/O: default (page cache) or direct (lohan_jax.tiers.store)
+    disk_io_concurrency: int = 8  # TensorStore file operations in flight on the disk state
     activations: str = "recompute"  # keep | recompute | save:name1,name2 ; optionally +swap, +swap_input
     edges_on_gpu: bool = True  # embedding and head resident in HBM and updated there
     prefetch_depth: int = 2  # weight and activation uploads issued this many blocks ahead
@@ -148,6 +150,9 @@ class OffloadConfig:
                "must be host, hbm or disk")
         _check(self.optim_state != "disk" or bool(self.disk_path), "offload.disk_path", self.disk_path,
                "must name a directory when offload.optim_state=disk")
+        _check(self.disk_io_mode in ("default", "direct"), "offload.disk_io_mode", self.disk_io_mode,
+               "must be default (buffered, through the page cache) or direct (O_DIRECT reads, no cached pages)")
+        _check(self.disk_io_concurrency >= 1, "offload.disk_io_concurrency", self.disk_io_concurrency, "must be >= 1")
         _check(self.prefetch_depth >= 1, "offload.prefetch_depth", self.prefetch_depth, "must be >= 1")
         _check(self.keep_turn_blocks >= 0, "offload.keep_turn_blocks", self.keep_turn_blocks, "must be >= 0")
         _check(self.disk_io_order in ("reordered", "naive"), "offload.disk_io_order", self.disk_io_order,

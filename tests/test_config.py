@@ -152,6 +152,7 @@ def test_wrong_types_are_rejected(override, names):
     ("data.token_dtype=int8", ["data.token_dtype", "uint16"]),
     ("offload.weights=disk", ["offload.weights", "host or hbm"]),
     ("offload.disk_io_order=optimized", ["offload.disk_io_order", "reordered", "naive"]),
+    ("offload.disk_io_mode=o_direct", ["offload.disk_io_mode", "default", "direct"]),
 ])
 def test_bad_enum_values_list_the_choices(override, names):
     with pytest.raises(ConfigError) as e:
@@ -269,6 +270,16 @@ def test_every_config_file_validates(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
     assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_disk_io_settings_reach_the_store():
+    from lohan_jax.tiers.store import IO_MODES
+
+    cfg = load_config(None, ["offload.disk_io_mode=direct", "offload.disk_io_concurrency=32"])
+    assert (cfg.offload.disk_io_mode, cfg.offload.disk_io_concurrency) == ("direct", 32)
+    assert all(load_config(None, [f"offload.disk_io_mode={m}"]) for m in IO_MODES)  # every mode the store knows
+    with pytest.raises(ConfigError, match="offload.disk_io_concurrency=0"):
+        load_config(None, ["offload.disk_io_concurrency=0"])
 
 
 def test_quickstart_spells_out_the_defaults():

@@ -46,7 +46,8 @@ class OffloadEngine:
     def __init__(self, model: DecoderModel, params32: Params | Callable[[int], Any], plan: Plan, *, optim, total_steps: int,
                  micro_batch_shape: tuple[int, int], n_micro: int = 1, compute_dtype: Any = jnp.bfloat16,
                  timeline: Timeline | None = None, device: jax.Device | None = None,
-                 budgets: Budgets | None = None, disk_path: str | None = None, guard_nonfinite: bool = True):
+                 budgets: Budgets | None = None, disk_path: str | None = None, guard_nonfinite: bool = True,
+                 disk_io_mode: str = "default", disk_io_concurrency: int = 8):
         from lohan_jax.optim.schedule import make_schedule
 
         if len(plan.blocks) != model.n_layers:
@@ -94,7 +95,8 @@ class OffloadEngine:
                 raise ValueError("the plan keeps optimizer state on disk: set offload.disk_path to a directory "
                                  "on a fast local disk (NVMe)")
             StateStore.check_capacity(disk_path, 12 * disk_params)
-            self.store = StateStore(disk_path, timeline=self.timeline, max_writes_in_flight=DISK_WRITES_IN_FLIGHT)
+            self.store = StateStore(disk_path, io_mode=disk_io_mode, io_concurrency=disk_io_concurrency,
+                                    timeline=self.timeline, max_writes_in_flight=DISK_WRITES_IN_FLIGHT)
         self._disk_reads = self._new_disk_reads()
         # gradients of units whose state is on disk wait in pinned memory for the disk; a few at a time
         self._disk_grad_slots = threading.BoundedSemaphore(DISK_GRADS_IN_FLIGHT)
@@ -132,7 +134,8 @@ class OffloadEngine:
                    micro_batch_shape=(t.micro_batch_size, t.seq_len), n_micro=t.micro_batches,
                    compute_dtype=compute_dtype, timeline=timeline, device=device,
                    budgets=machine_budgets(device, o.hbm_budget_gib, o.host_budget_gib), disk_path=o.disk_path or None,
-                   guard_nonfinite=t.on_nonfinite.value != "off", **cls._config_kwargs(cfg))
+                   guard_nonfinite=t.on_nonfinite.value != "off", disk_io_mode=o.disk_io_mode,
+                   disk_io_concurrency=o.disk_io_concurrency, **cls._config_kwargs(cfg))
 
     # ---- what a subclass (DataParallelEngine) replaces -----------------------------------------------------
     @classmethod

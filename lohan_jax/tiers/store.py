@@ -9,6 +9,12 @@ flight. Files are never modified in place (TensorStore writes a chunk to a tempo
 so a checkpoint may hard-link a generation (`pin` keeps it past the next write) and a restore may `adopt`
 a checkpoint's files as the next generation without copying a byte.
 
+I/O modes (`io_mode`): "default" goes through the page cache (TensorStore's buffered file I/O, fsync per
+file). "direct" keeps the state out of the page cache, as far as TensorStore 0.1.86 allows: its `file_io_mode`
+direct applies O_DIRECT to reads only, and only to files whose size is a whole number of 4 KiB pages (else it
+reads through the cache without a word; strace-checked), so chunks are sized to make every chunk file aligned;
+its writes stay buffered, so each chunk's pages are dropped (posix_fadvise) once the chunk is durable.
+
 The store is scratch: what survives a crash is the checkpoint. Opening a root therefore removes the unit
 generations a killed run left behind, after taking an exclusive lock on the root (two live runs sharing
 one offload.disk_path would overwrite each other's state).
@@ -34,6 +40,8 @@ import tensorstore as ts
 from lohan_jax import faults
 
 CHUNK_ELEMS = 16 << 20  # 3 x 16M fp32 = 192 MiB per chunk; MACHINE.md: 1.75 GB/s write in 64 MiB+ chunks
+IO_MODES = ("default", "direct")  # offload.disk_io_mode (the module docstring says what each does)
+_PAGE = 4096  # O_DIRECT alignment TensorStore asks of a file's size (512-byte multiples are read buffered)
 
 
 class StoreError(RuntimeError):
@@ -49,14 +57,21 @@ class DiskCounters:
 
 
 class StateStore:
-    def __init__(self, root: str | Path, *, io_concurrency: int = 8, max_writes_in_flight: int = 2,
-                 timeline: Any = None):
-        self.root = Path(root)
+    def __init__(self, root: str | Path, *, io_concurrency: int = 8, io_mode: str = "default",
+                 max_writes_in_flight: int = 2, timeline: Any = None):
+        if io_mode not in IO_MODES:
+            raise ValueError(f"StateStore io_mode={io_mode!r} must be one of {', '.join(IO_MODES)} "
+                             "(offload.disk_io_mode)")
+        if io_concurrency < 1:
+            raise ValueError(f"StateStore io_concurrency={io_concurrency!r} must be >= 1")
+        self.root, self.io_mode = Path(root), io_mode
         _lock_root(self.root)
         _remove_stale_generations(self.root)
         self._pins: dict[tuple[str, int], int] = {}
         self._issued: dict[str, int] = {}
-        self._context = ts.Context({"file_io_concurrency": {"limit": io_concurrency}})
+        # file_io_sync stays on (TensorStore's default): checkpoints hard-link these files, so they must be durable
+        self._context = ts.Context({"file_io_concurrency": {"limit": io_concurrency},
+                                    "file_io_mode": {"mode": io_mode}})
         self._gen: dict[str, int] = {}
         self._n: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -82,13 +97,22 @@ class StateStore:
                              "offload.disk_path, or keep more state in host memory or HBM")
 
     # ---- arrays ----------------------------------------------------------------------------------------
+    def chunk_elems(self, n: int) -> int:
+        """Elements per chunk of a [3, n] unit. In direct mode a chunk file (12 bytes an element plus the 4-byte
+        crc32c; edge chunks are stored whole) is a multiple of 4 KiB: 12 c + 4 = 4096 k, i.e. c = 341 mod 1024."""
+        c = min(n, CHUNK_ELEMS)
+        if self.io_mode == "direct":
+            first, step = (_PAGE - 4) // 12, _PAGE // 4  # 341, 1024
+            c = first + step * max(0, -(-(c - first) // step))
+        return c
+
     def _spec(self, name: str, gen: int, n: int | None = None) -> dict:
         spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(self.root / name / f"gen{gen}")},
                 "fill_missing_data_reads": False}
         if n is not None:
             spec["metadata"] = {
                 "shape": [3, n], "data_type": "float32",
-                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [3, min(n, CHUNK_ELEMS)]}},
+                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [3, self.chunk_elems(n)]}},
                 "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]}
         return spec
 
@@ -102,7 +126,8 @@ class StateStore:
         t0 = time.perf_counter()
         try:
             arr = ts.open(self._spec(name, gen, n), create=True, delete_existing=True, context=self._context).result()
-            fut = self._writer.submit(_write_by_chunks, arr, state)
+            drop = (self.root / name / f"gen{gen}" / "c" / "0") if self.io_mode == "direct" else None
+            fut = self._writer.submit(_write_by_chunks, arr, state, self.chunk_elems(n), drop)
             if faults.hit("disk_write") == "enospc":  # (kill: the process dies with this write in flight)
                 fut.result()
                 fut = _Failed(faults.disk_full(f"writing {self.root / name / f'gen{gen}'}"))
@@ -272,19 +297,43 @@ def _remove_stale_generations(root: Path) -> None:
                     shutil.rmtree(gen, ignore_errors=True)
 
 
-def _write_by_chunks(arr: Any, state: np.ndarray, outstanding: int = 4) -> None:
+def _write_by_chunks(arr: Any, state: np.ndarray, chunk: int, drop_dir: Path | None = None,
+                     outstanding: int = 4) -> None:
     """Write chunk by chunk with a few chunk writes in flight: TensorStore copies (and encodes) only the chunks
     in flight. A whole-array write copies all of it at once: with a 13B block's 3.8 GB of state and two writes
-    in flight that was ~15 GB more host memory than planned, and the run of 2026-11-25 was OOM-killed."""
+    in flight that was ~15 GB more host memory than planned, and the run of 2026-11-25 was OOM-killed.
+    With `drop_dir` (zarr3's default chunk keys: c/0/<j>), each chunk file leaves the page cache once durable."""
     n = state.shape[1]
-    pending: list[Any] = []
-    for lo in range(0, n, CHUNK_ELEMS):
-        if len(pending) >= outstanding:
-            pending.pop(0).result()
-        hi = min(n, lo + CHUNK_ELEMS)
-        pending.append(arr[:, lo:hi].write(state[:, lo:hi]))
-    for f in pending:
+    pending: list[tuple[int, Any]] = []
+
+    def finish(j: int, f: Any) -> None:
         f.result()
+        if drop_dir is not None:
+            drop_cached_pages(drop_dir / str(j))
+
+    for j, lo in enumerate(range(0, n, chunk)):
+        if len(pending) >= outstanding:
+            finish(*pending.pop(0))
+        hi = min(n, lo + chunk)
+        pending.append((j, arr[:, lo:hi].write(state[:, lo:hi])))
+    for j, f in pending:
+        finish(j, f)
+
+
+def drop_cached_pages(path: str | Path) -> None:
+    """Drop a file's (or every file's under a directory) clean pages from the page cache; best effort."""
+    path = Path(path)
+    files = [path] if not path.is_dir() else [p for p in path.rglob("*") if p.is_file()]
+    for f in files:
+        try:
+            fd = os.open(f, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 class _Failed:
