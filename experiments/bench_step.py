@@ -198,6 +198,12 @@ def run(args, trace=None) -> dict:
                        disk_io_order=engine.plan.disk_io_order.value, disk_reads_ahead=engine._disk_reads.reads_ahead,
                        disk_reads_at_update=engine._disk_reads.reads_at_update,
                        disk_gbps_achieved=moved / 1e9 / (t_drained - times[0]) if n else None)
+            if out.get("disk_raw_mixed_gbps") and out["disk_gbps_achieved"]:
+                # the step reads and writes about equally, concurrently: its raw rate is the mixed probe's; the
+                # simplex figure (2/(1/read+1/write): one direction at a time) is kept beside it
+                simplex = 2 / (1 / out["disk_raw_read_gbps"] + 1 / out["disk_raw_write_gbps"])
+                out.update(disk_fraction_of_raw=out["disk_gbps_achieved"] / out["disk_raw_mixed_gbps"],
+                           disk_raw_simplex_gbps=simplex, disk_fraction_of_simplex=out["disk_gbps_achieved"] / simplex)
         out["host_optim_busy_s_total"] = engine.worker.busy_s
         if args.timeline:
             out.update(_timeline_report(engine, Path(args.timeline), args))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session: environment, GPU exactness tests, host AdamW rate, step benchmarks.
-# usage: bash experiments/gpu_session.sh PART OUTDIR   (PART: a = checks + tests + small runs, b = 6B runs)
+# usage: bash experiments/gpu_session.sh PART OUTDIR   (PART: a = checks + tests + small runs, b = 6B runs,
+#   c = 6B batch 64, d = 13B hand plan on three tiers, e = store bench + 13B with the planner's plan)
 set -u
 part=${1:-a}; out=${2:-/tmp/gpu_out}; mkdir -p "$out"
 export PYTHONPATH=$PWD XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=120 PYTHONUNBUFFERED=1
@@ -39,6 +40,23 @@ if [ "$part" = d ]; then  # paper-13b on all three tiers: last 12 blocks in HBM 
     --measure-disk-gib 4 --experiment largest_model --out "$out/largest_model.jsonl" --timeline "$out" --no-peak --mem-trace "$out/mem13b.jsonl" \
     > "$out/engine13b.log" 2>&1; grep -E "step [0-9]|engine ready|raw disk|Error|error" "$out/engine13b.log" | tail -8
   free -g | head -2; df -h /tmp | tail -1
+fi
+if [ "$part" = e ]; then  # issue 4: the disk tier tuned, then paper-13b with the planner's own plan
+  log store bench; timeout 120 python3 experiments/store_bench.py --path /tmp/lohan_sb --units 3 --unit-gib 1 \
+    --out "$out/store_bench.jsonl" > "$out/store_bench.log" 2>&1; tail -8 "$out/store_bench.log"; rm -rf /tmp/lohan_sb
+  best=$(grep '^best:' "$out/store_bench.log" | tail -1); mode=$(echo "$best" | sed -n 's/.*io_mode=\([a-z]*\).*/\1/p')
+  conc=$(echo "$best" | sed -n 's/.*io_concurrency=\([0-9]*\).*/\1/p')
+  limit=$(python3 - <<'PY'
+import sys; sys.path.insert(0, "experiments"); import study_runner as sr
+v = sr.planner_verdict("paper-13b", 8, 0.0); v["plan"].save("/tmp/plan13.json"); print(v["pinned_limit_gb"])
+PY
+)
+  log 13B planner plan, io_mode=${mode:-default} concurrency=${conc:-8}, pinned cap ${limit} GB
+  timeout 470 python3 experiments/bench_step.py --system lohan_jax --model paper-13b --batch 8 --steps 4 \
+    --plan-file /tmp/plan13.json --disk-path /tmp/lohan_state --pinned-limit-gb "$limit" --disk-io-mode "${mode:-default}" \
+    --disk-io-concurrency "${conc:-8}" --measure-disk-gib 4 --experiment largest_model --out "$out/largest_model.jsonl" \
+    --timeline "$out" --no-peak --mem-trace "$out/mem13b.jsonl" > "$out/engine13b.log" 2>&1
+  grep -E "step [0-9]|engine ready|raw disk|Error|error" "$out/engine13b.log" | tail -8; free -g | head -2
 fi
 python3 - "$out" <<'PY'
 import json, sys, glob
