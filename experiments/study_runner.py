@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import re
 import shlex
@@ -131,6 +130,7 @@ def measure_model_profiles(models, log_dir: Path, *, micro_batch: int = 8, dry_r
 
 def planner_verdict(model: str, batch: int, cap_gib: float) -> dict:
     """The planner's answer for this configuration: its plan and prediction, or its refusal with the numbers."""
+    from lohan_jax.plan_memory import pinned_pool_limit_gb
     from lohan_jax.planner import search, suggestions
     from lohan_jax.planner.capacity import memory
 
@@ -138,11 +138,10 @@ def planner_verdict(model: str, batch: int, cap_gib: float) -> dict:
     r = search(wl, m)
     if r.plan is None:
         return {"fits": False, "problems": list(r.problems), "suggestions": suggestions(wl, m)}
-    # XLA's pinned pool grows by doubling up to its cap: cap it at the plan's need (+10%, +2 GB) so it cannot take
-    # twice the need (a 6B batch-32 plan needing 43 GiB pinned + 63 GiB pageable was OOM-killed under a 120 GB cap)
-    pinned_gb = (memory(r.plan, wl).pinned_bytes * 1.10 + 2e9) / 1e9
+    # XLA's pinned pool grows up to its cap and never shrinks: capped at the plan's need + margin, as
+    # `lohan-jax train` caps it (a 6B batch-32 plan was OOM-killed under a 120 GB cap: plan_memory)
     return {"fits": True, "executable": r.executable, "plan": r.plan, "predicted_step_s": r.prediction.step_s,
-            "pinned_limit_gb": math.ceil(pinned_gb),
+            "pinned_limit_gb": pinned_pool_limit_gb(memory(r.plan, wl).pinned_bytes),
             "predicted_tokens_per_s": r.prediction.tokens_per_s,
             "disk_gib": sum(1 for u in r.plan.units if u.optim_state.value == "disk")}
 

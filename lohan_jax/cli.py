@@ -22,6 +22,11 @@ def _train(args: argparse.Namespace) -> int:
         cfg, run_dir, resume = load_config(saved, args.set), args.resume, True
     else:
         cfg, run_dir, resume = load_config(args.config, args.set), args.run_dir, False
+    from lohan_jax.pinned_pool import cap_pinned_pool
+    from lohan_jax.preflight import check_paths
+    check_paths(cfg, run_dir, resume)  # a bad plan file is a one-line error before the plan is resolved
+    if cap_pinned_pool(cfg) is None:  # no plan to cap XLA's pinned pool from (the CPU, the reference engine, ...)
+        _raise_pinned_host_limit()
     from lohan_jax.train import run_training
     result = run_training(cfg, run_dir=run_dir, progress=not args.no_progress, resume=resume)
     return result.exit_status
@@ -60,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _raise_pinned_host_limit() -> None:
     """XLA caps pinned host memory at 64 GB unless told otherwise (MACHINE.md); a 6B model's state alone is
-    ~70 GB. Must run before jax starts its GPU client, hence here and not in the engine."""
+    ~70 GB. Must run before jax starts its GPU client, hence here and not in the engine. `train` on a GPU caps
+    the pool from its plan instead (lohan_jax.pinned_pool: a pool far above the need can take twice the need)."""
     if "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB" not in os.environ:
         try:
             total_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
@@ -70,8 +76,9 @@ def _raise_pinned_host_limit() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _raise_pinned_host_limit()
     args = build_parser().parse_args(argv)
+    if args.command != "train":  # train sets it once its plan is known (_train)
+        _raise_pinned_host_limit()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("lohan_jax").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if args.command is None:  # the quick start: `lohan-jax train` is the main job; bare `lohan-jax` shows help

@@ -7,10 +7,18 @@ The block backward's working memory was calibrated on the GPU machine: a recompu
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from lohan_jax.plan import Plan, Tier, UpdateOn
 
 GIB = 2**30
+# XLA's pinned host pool is a BFC allocator: it grows by doubling regions up to XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB
+# and never shrinks, so under a cap far above the need it holds up to ~2x the need. On the H100 machine a 6B
+# batch-32 plan needing 43 GiB pinned + 63 GiB pageable was OOM-killed under a 120 GB cap, and ran under a cap of
+# its need + 10% + 2 GB (lohan_jax.pinned_pool sets it; the studies pass it to bench_step).
+PINNED_LIMIT_ENV = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"  # XLA's cap on its pinned host pool, read as jax starts
+PINNED_POOL_MARGIN = 0.10
+PINNED_POOL_SLACK_NBYTES = 2 * 10**9
 HEAD_CHUNK_NBYTES = GIB  # EdgePrograms' fp32-logits chunk
 # Disk-resident optimizer state in RAM: units read ahead of their update, and writes in flight. The disk moves a
 # block's state far slower than the CPU updates it, so one read ahead keeps the disk busy (engine/disk_reads.py).
@@ -25,6 +33,7 @@ class MemoryEstimate:
     pinned: dict[str, int]
     host: dict[str, int]  # pageable host memory
     disk: dict[str, int] = dataclasses.field(default_factory=dict)
+    pinned_pool: int = 0  # RAM XLA's pinned pool may hold on the GPU (its cap); 0: just the pinned bytes (CPU)
 
     @property
     def hbm_bytes(self) -> int:
@@ -36,7 +45,8 @@ class MemoryEstimate:
 
     @property
     def ram_bytes(self) -> int:
-        return sum(self.host.values()) + self.pinned_bytes
+        """Pageable host memory plus XLA's pinned pool at its cap (at least the pinned bytes)."""
+        return sum(self.host.values()) + max(self.pinned_bytes, self.pinned_pool)
 
     @property
     def disk_bytes(self) -> int:
@@ -48,7 +58,21 @@ class MemoryEstimate:
                             ("disk", self.disk)):
             detail = ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items() if v)
             rows.append(f"  {tier:<14} {sum(parts.values()) / GIB:8.2f} GiB  ({detail})")
+        if self.pinned_pool > self.pinned_bytes:
+            rows[1] += f"; XLA's pinned pool capped at {self.pinned_pool / GIB:.2f} GiB, counted in RAM"
         return "\n".join(rows)
+
+    def with_pinned_pool(self, limit_nbytes: int | None = None) -> MemoryEstimate:
+        """This estimate on a GPU: XLA's pinned pool counted in RAM at the cap this plan's need implies
+        (pinned_pool_limit_gb), or at `limit_nbytes` (XLA's actual cap) where that is lower."""
+        pool = pinned_pool_limit_gb(self.pinned_bytes) * 10**9
+        return dataclasses.replace(self, pinned_pool=pool if limit_nbytes is None else min(pool, limit_nbytes))
+
+
+def pinned_pool_limit_gb(pinned_nbytes: int) -> int:
+    """The cap on XLA's pinned host pool (XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB, whole GB) for a plan that needs
+    `pinned_nbytes` of pinned host memory: the need plus 10% plus 2 GB, rounded up."""
+    return math.ceil((pinned_nbytes * (1 + PINNED_POOL_MARGIN) + PINNED_POOL_SLACK_NBYTES) / 1e9)
 
 
 def block_work_nbytes(chunks: int, tokens: int, d: int, f: int, itemsize: int, w_nbytes: int) -> int:

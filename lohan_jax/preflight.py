@@ -49,7 +49,8 @@ def _writable_dir(path: Path, key: str) -> None:
 
 def run_plan(cfg: Config, device=None):
     """The plan the offloaded engine will run for `cfg` on `device`: its plan file; on a GPU with offload.plan
-    auto, the planner's (PlanRefused, with the smallest fixes, when nothing fits); else the uniform plan."""
+    auto, the planner's (PlanRefused, with the smallest fixes, when nothing fits); else the uniform plan.
+    `device` is jax's, or before jax starts lohan_jax.pinned_pool.GpuFacts (the same GPU, read by nvidia-smi)."""
     from lohan_jax.plan import Plan, uniform_plan
 
     o = cfg.offload
@@ -67,12 +68,15 @@ _AUTO: dict = {}
 
 
 def _auto_plan(cfg: Config, device):
-    """The planner's plan, searched once per run config and device (the search is deterministic)."""
+    """The planner's plan, searched once per run and device: on what the plan depends on (the workload and the
+    offload config, not e.g. train.compute_dtype auto once resolved), so the plan resolved before jax starts,
+    from which XLA's pinned pool is capped (lohan_jax.pinned_pool), is the plan the run then runs."""
     import logging
 
     from lohan_jax.planner.auto import auto_plan, live_machine
+    from lohan_jax.planner.cli import workload_for
 
-    key = (cfg, device.id)
+    key = (workload_for(cfg), cfg.offload, device.id)
     if key not in _AUTO:
         got = auto_plan(cfg, live_machine(cfg.offload, device))
         logging.getLogger("lohan_jax").info("plan: auto\n%s", got.summary)
@@ -99,6 +103,7 @@ def check_memory(cfg: Config, run_dir: str | Path | None = None, device=None) ->
     if device.platform == "cpu":
         est = cpu_estimate(est)
     o = cfg.offload
+    # on the GPU check_budgets counts XLA's pinned pool in RAM at its cap (lohan_jax.pinned_pool sets it)
     check_budgets(est, machine_budgets(device, o.hbm_budget_gib, o.host_budget_gib, disk_path=o.disk_path))
     t = cfg.train
     if t.checkpoint_every:
@@ -115,9 +120,10 @@ def check_memory(cfg: Config, run_dir: str | Path | None = None, device=None) ->
 
 
 def cpu_estimate(est):
-    """On the CPU backend the device's memory is host RAM too, and the runtime is smaller than a CUDA one."""
+    """On the CPU backend the device's memory is host RAM too, the runtime is smaller than a CUDA one, and
+    pinned memory is plain RAM (no XLA pool to count at its cap)."""
     return dataclasses.replace(est, host={**est.host, "runtime": CPU_RUNTIME_NBYTES,
-                                          "device memory (the CPU backend's)": est.hbm_bytes})
+                                          "device memory (the CPU backend's)": est.hbm_bytes}, pinned_pool=0)
 
 
 def _same_filesystem(a: Path, b: Path) -> bool:

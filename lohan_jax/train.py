@@ -132,6 +132,9 @@ def run_training(cfg: Config, run_dir: Path | None = None, progress: bool = True
         m = trainer.memory
         run.update({"mem/hbm_planned_gib": m.hbm_bytes / 2**30, "mem/host_pinned_gib": m.pinned_bytes / 2**30,
                     "mem/host_gib": m.ram_bytes / 2**30})
+        if device.platform == "gpu":  # XLA's cap on its pinned pool (lohan_jax.pinned_pool sets it from the plan)
+            from lohan_jax.engine.memory import pinned_limit_nbytes
+            run["mem/pinned_pool_limit_gb"] = pinned_limit_nbytes() / 1e9
         (run_dir / "run.json").write_text(json.dumps(run, indent=1))
         trainer.plan.save(run_dir / "plan.json")
     try:

@@ -86,7 +86,10 @@ class OffloadEngine:
             micro_batch=b, seq_len=s, d_model=d, d_ff=spec.ff_dim if spec else 4 * d,
             vocab_size=spec.vocab_size if spec else 0, residual_nbytes=[p.residual_nbytes for p in self.block_programs],
             n_micro=n_micro, hold_grads=optim.clip_norm > 0)
-        check_budgets(self.memory, budgets if budgets is not None else machine_budgets(self.spaces.device))
+        budgets = budgets if budgets is not None else machine_budgets(self.spaces.device)
+        if budgets.pinned_limit_bytes is not None:  # on the GPU: RAM holds XLA's pinned pool at its cap
+            self.memory = self.memory.with_pinned_pool(budgets.pinned_limit_bytes)
+        check_budgets(self.memory, budgets)
         log.info("memory plan:\n%s", self.memory.describe())
         self.store = None
         disk_params = sum(lay.size for lay, u in zip(layouts, plan.units) if u.optim_state is Tier.DISK)

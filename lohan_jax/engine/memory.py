@@ -4,8 +4,8 @@
 Free RAM is MemAvailable capped by the cgroup's limit minus what the cgroup already uses (a container's
 /proc/meminfo reports the host's RAM; the OOM killer acts on the cgroup): cgroup v2 memory.max/current, v1
 memory.limit_in_bytes/usage_in_bytes, at the root and at this process's own cgroup, page cache that can be
-reclaimed (inactive_file) counted as free. Pinned host memory is XLA's limit on the GPU. Disk is the free space
-where the plan keeps state."""
+reclaimed (inactive_file) counted as free. Pinned host memory is XLA's limit on the GPU, and RAM counts XLA's pinned
+pool at its cap (MemoryEstimate.with_pinned_pool). Disk is the free space where the plan keeps state."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +13,13 @@ import os
 import shutil
 from pathlib import Path
 
-from lohan_jax.plan_memory import GIB, MemoryEstimate, estimate_memory  # noqa: F401 (re-exported)
+from lohan_jax.plan_memory import (  # noqa: F401 (GIB, MemoryEstimate, estimate_memory: re-exported)
+    GIB,
+    PINNED_LIMIT_ENV,
+    MemoryEstimate,
+    estimate_memory,
+    pinned_pool_limit_gb,
+)
 
 
 class MemoryBudgetError(ValueError):
@@ -27,6 +33,7 @@ class Budgets:
     host_bytes: int | None
     disk_bytes: int | None = None  # free space where the plan keeps optimizer state (None: not checked)
     disk_path: str = ""
+    pinned_limit_bytes: int | None = None  # XLA's cap on its pinned pool, without the margin (None: no pool, CPU)
 
 
 # Where the kernel reports memory (tests point these at fakes).
@@ -47,12 +54,15 @@ def machine_budgets(device, hbm_gib: float = 0.0, host_gib: float = 0.0, margin:
     host = available_ram_bytes()
     if host_gib:
         host = int(host_gib * GIB) if host is None else min(host, int(host_gib * GIB))
-    pinned = None
-    if device.platform == "gpu":
-        pinned = int(float(os.environ.get("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", "64")) * 1e9)
+    pinned = pinned_limit_nbytes() if device.platform == "gpu" else None
     disk = free_disk_bytes(disk_path) if disk_path else None
     scale = lambda b: None if b is None else int(b * (1 - margin))
-    return Budgets(scale(hbm), scale(pinned), scale(host), scale(disk), disk_path)
+    return Budgets(scale(hbm), scale(pinned), scale(host), scale(disk), disk_path, pinned)
+
+
+def pinned_limit_nbytes() -> int:
+    """XLA's cap on its pinned host pool: the environment's, else XLA's default of 64 GB."""
+    return int(float(os.environ.get(PINNED_LIMIT_ENV, "64")) * 1e9)
 
 
 def free_disk_bytes(path: str | Path) -> int:
@@ -107,6 +117,8 @@ def _read(path: str | Path) -> str:
 
 
 def check_budgets(est: MemoryEstimate, budgets: Budgets) -> None:
+    if budgets.pinned_limit_bytes is not None:  # on the GPU: RAM counts XLA's pinned pool at its cap
+        est = est.with_pinned_pool(budgets.pinned_limit_bytes)
     problems = []
     if budgets.hbm_bytes is not None and est.hbm_bytes > budgets.hbm_bytes:
         problems.append(f"HBM: needs {est.hbm_bytes / GIB:.2f} GiB, budget {budgets.hbm_bytes / GIB:.2f} GiB. "
@@ -114,10 +126,14 @@ def check_budgets(est: MemoryEstimate, budgets: Budgets) -> None:
                         "inputs (+swap_input), recompute (+chunks=N for large batches), or a smaller batch.")
     if budgets.pinned_bytes is not None and est.pinned_bytes > budgets.pinned_bytes:
         problems.append(f"pinned host memory: needs {est.pinned_bytes / GIB:.2f} GiB, XLA's limit is "
-                        f"{budgets.pinned_bytes / GIB:.2f} GiB. Fix: raise XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB "
-                        "before jax starts, or keep more state in HBM.")
+                        f"{budgets.pinned_bytes / GIB:.2f} GiB (after a 5% margin). Fix: raise {PINNED_LIMIT_ENV} to "
+                        f"{pinned_pool_limit_gb(est.pinned_bytes)} before jax starts (or unset it: `lohan-jax train` "
+                        "caps it at the plan's pinned need + 10% + 2 GB), or shrink the plan's pinned need (a "
+                        "smaller batch, fewer swapped activations, more weights in HBM).")
     if budgets.host_bytes is not None and est.ram_bytes > budgets.host_bytes:
-        problems.append(f"host RAM: needs {est.ram_bytes / GIB:.2f} GiB, {budgets.host_bytes / GIB:.2f} GiB "
+        pool = (f" (XLA's pinned pool counted at its cap, {est.pinned_pool / GIB:.2f} GiB)"
+                if est.pinned_pool > est.pinned_bytes else "")
+        problems.append(f"host RAM: needs {est.ram_bytes / GIB:.2f} GiB{pool}, {budgets.host_bytes / GIB:.2f} GiB "
                         "available. Fix: more RAM, optimizer state in HBM for some blocks, one micro-batch "
                         "(+chunks=N instead of gradient accumulation), or optimizer state on disk "
                         "(offload.optim_state=disk).")

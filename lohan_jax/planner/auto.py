@@ -42,7 +42,12 @@ def with_run_caps(m: MachineProfile, offload: Any) -> MachineProfile:
 
 
 def live_machine(offload: Any, device: Any = None) -> MachineProfile:
-    """This machine: `offload.machine` if named, else the built-in profile of this GPU with live capacities."""
+    """This machine: `offload.machine` if named, else the built-in profile of this GPU with live capacities.
+    `device` may be lohan_jax.pinned_pool.GpuFacts (before jax starts), which carries its free HBM; a cap on
+    XLA's pinned pool already in the environment (the user's) bounds the plan's pinned memory."""
+    import os
+
+    from lohan_jax.plan_memory import PINNED_LIMIT_ENV
     from lohan_jax.planner.machines import BUILTIN, machine
     from lohan_jax.planner.profile import available_ram_gib, disk_free_gib
 
@@ -56,8 +61,11 @@ def live_machine(offload: Any, device: Any = None) -> MachineProfile:
     known = [m for m in BUILTIN.values() if m.gpu == device.device_kind]
     disk_path = offload.disk_path
     if known:
-        m = known[0].with_(hbm_gib=free_hbm_gib(device) or known[0].hbm_gib, ram_gib=available_ram_gib(),
-                           source=f"{known[0].source}; capacities read live")
+        hbm = getattr(device, "hbm_free_gib", None)
+        m = known[0].with_(hbm_gib=(free_hbm_gib(device) if hbm is None else hbm) or known[0].hbm_gib,
+                           ram_gib=available_ram_gib(), source=f"{known[0].source}; capacities read live")
+        if os.environ.get(PINNED_LIMIT_ENV):
+            m = m.with_(pinned_limit_gib=float(os.environ[PINNED_LIMIT_ENV]) * 1e9 / 2**30)
         m = m.with_(**(dict(disk_gib=disk_free_gib(disk_path), disk_path=disk_path) if disk_path
                        else dict(disk_gib=0.0, disk_path="")))
     else:

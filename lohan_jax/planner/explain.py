@@ -86,7 +86,8 @@ def tiers_table(mem: Memory, b: Budgets) -> str:
     rows = [f"  {'tier':<13} {'needs GiB':>9} {'budget GiB':>10}  largest parts"]
     for name, parts, total, budget in (("HBM", mem.hbm, mem.hbm_bytes, b.hbm),
                                        ("pinned host", mem.pinned, mem.pinned_bytes, b.pinned),
-                                       ("host RAM", {**mem.host, "pinned": mem.pinned_bytes}, mem.ram_bytes, b.ram),
+                                       ("host RAM", {**mem.host, "pinned pool": max(mem.pinned_bytes, mem.pinned_pool)},
+                                        mem.ram_bytes, b.ram),
                                        ("disk", mem.disk, mem.disk_bytes, b.disk)):
         if name == "disk" and not total:
             continue
