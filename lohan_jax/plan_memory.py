@@ -25,6 +25,16 @@ HEAD_CHUNK_NBYTES = GIB  # EdgePrograms' fp32-logits chunk
 DISK_READ_WINDOW = 1
 DISK_WRITES_IN_FLIGHT = 2
 DISK_GRADS_IN_FLIGHT = DISK_READ_WINDOW + DISK_WRITES_IN_FLIGHT + 1  # their gradients waiting in pinned memory
+# HBM kept free, as a fraction of the block backward's working memory, so that XLA's BFC allocator finds it in one
+# piece: each executable's temporaries are one allocation, made in a pool where streamed weights, swapped
+# activations and GPU state come and go at other times. Evidence (H100, 2026-11-25, paper-6b, 24 GiB pool):
+# batch 32 planned at 21.27 GiB (block backward working memory 8.00) failed, the pool fragmented, allocating the
+# block backward's 6.25 GiB: ~4.5 GiB (24 - 21.27 + 8.00 - 6.25) was free but not in one piece. The planner's
+# 7% margin (1.7 GiB) plus 0.5 x 8.00 keeps 5.7 GiB of the pool free; 0.35 would just match the failure. The
+# head's working memory is left out: it also counts its input and output buffers, and the batch-64 hand plan in
+# 8 chunks (head 5.28, block 3.75) ran at 20.77 GiB in the same pool; it still passes the engine's check
+# (22.65 <= 22.80 GiB), as batch 8 (13.15) does.
+FRAGMENTATION_RESERVE = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +70,9 @@ class MemoryEstimate:
             rows.append(f"  {tier:<14} {sum(parts.values()) / GIB:8.2f} GiB  ({detail})")
         if self.pinned_pool > self.pinned_bytes:
             rows[1] += f"; XLA's pinned pool capped at {self.pinned_pool / GIB:.2f} GiB, counted in RAM"
+        if self.hbm.get("fragmentation reserve"):
+            rows.append(f"  {'':<14} fragmentation reserve: {FRAGMENTATION_RESERVE} x the block backward's working "
+                        "memory, which XLA allocates as one contiguous block")
         return "\n".join(rows)
 
     def with_pinned_pool(self, limit_nbytes: int | None = None) -> MemoryEstimate:
@@ -116,6 +129,7 @@ def estimate_memory(plan: Plan, *, unit_params: list[int], compute_itemsize: int
                                               for b, wi in zip(blocks, w[1:-1])), default=0),
         "head working memory": 3 * min(tokens * vocab_size * 4, HEAD_CHUNK_NBYTES) + 3 * ckpt + 2 * w[0],
     }
+    hbm["fragmentation reserve"] = int(FRAGMENTATION_RESERVE * hbm["block backward working memory"])
     staged = min(sum(weights_on_disk), plan.prefetch_depth + 2) * block_w
     streamed = sum(wi for wi, c, dw in zip(w, cpu, weights_on_disk) if c and not dw) + staged
     disk_grads = [wi for wi, c, ds in zip(w, cpu, state_on_disk) if c and ds]

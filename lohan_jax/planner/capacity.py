@@ -19,7 +19,9 @@ RUNTIME_HOST_NBYTES = 4 * GIB  # Python, jax, the CUDA context and the data pipe
 
 @dataclasses.dataclass(frozen=True)
 class Margins:
-    hbm: float = 0.07  # the engine refuses above 95% of the limit; XLA fragments the rest
+    # the engine refuses above 95% of the limit; 2% more for what XLA holds besides our buffers (the largest
+    # contiguous temporary has its own "fragmentation reserve" in the estimate, lohan_jax/plan_memory.py)
+    hbm: float = 0.07
     ram: float = 0.08
     pinned: float = 0.05
     disk: float = 0.05

@@ -373,6 +373,7 @@ def suggestions(wl: Workload, machine: MachineProfile, opts: SearchOptions = Sea
     hbm = _smallest(machine.hbm_gib, 4 * max(machine.hbm_gib, 1.0),
                     lambda x: fits(wl, machine.with_(hbm_gib=x)) is not None)
     if hbm is not None:
+        hbm = math.ceil(hbm * 10) / 10  # stated to 0.1 GiB, rounded up so that the amount stated fits
         how = fits(wl, machine.with_(hbm_gib=hbm))
         out.append(f"more GPU memory: {hbm:.1f} GiB (have {machine.hbm_gib:.1f}){tag(how)}")
     if not executable_only and opts.allow_disk is not False and machine.disk_gib <= 0:
