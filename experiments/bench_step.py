@@ -45,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--disk-state-blocks", type=str, default="",
                    help="hand plan: blocks A:B (python range) keep their Adam state on disk (needs --disk-path)")
     p.add_argument("--disk-path", default="")
+    p.add_argument("--lr", type=float, default=1e-4,
+                   help="AdamW learning rate (constant); a large model's first steps on random tokens overshoot at 1e-4")
     p.add_argument("--pinned-limit-gb", type=float, default=0.0,
                    help="cap XLA's pinned host pool (XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB) at this many GB; the "
                         "studies pass the plan's pinned need plus a margin (0: the environment's, else 120)")
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
 
     row = {"experiment": args.experiment, "system": args.system, "model": args.model, "seq_len": args.seq,
            "batch_tokens": args.batch * args.seq, "gpu_budget_gib": args.gpu_budget_gib or total, "n_gpus": 1,
-           "steps": args.steps, "command": " ".join(["python", *sys.argv])}
+           "steps": args.steps, "lr": args.lr, "command": " ".join(["python", *sys.argv])}
     from lohan_jax.memtrace import MemTrace
     trace = MemTrace(args.mem_trace) if args.mem_trace else None
     try:
@@ -126,7 +128,7 @@ def run(args, trace=None) -> dict:
 
     spec = get_spec(args.model, **({"n_layers": args.layers} if args.layers else {}))
     model = build_model(spec, jnp.bfloat16)
-    optim = OptimConfig(lr=1e-4, warmup_steps=0, clip_norm=args.clip_norm)
+    optim = OptimConfig(lr=args.lr, warmup_steps=0, clip_norm=args.clip_norm)
     b = args.batch // args.micro
     data = open_dataset("synthetic", seq_len=args.seq, batch_size=b, seed=0, vocab_size=spec.vocab_size)
     batches = [step_batch(data, s, args.micro) for s in range(args.steps)]
