@@ -152,7 +152,7 @@ def run(args, trace=None) -> dict:
     else:
         if trace is not None:
             trace.phase = "engine init"
-        trainer = engine = make_engine(args, model, spec, optim, b)
+        trainer = engine = make_engine(args, model, spec, optim, b, trace)
         print("memory plan:\n" + engine.memory.describe(), flush=True)
         out["plan"] = engine.plan.to_json()
     times, losses = [], []
@@ -215,7 +215,7 @@ def run(args, trace=None) -> dict:
     return out
 
 
-def make_engine(args, model, spec, optim, b):
+def make_engine(args, model, spec, optim, b, trace=None):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -223,7 +223,6 @@ def make_engine(args, model, spec, optim, b):
     from lohan_jax.engine import OffloadEngine
     from lohan_jax.optim import host_adamw
     from lohan_jax.plan import Plan, Tier, UnitPlan, UpdateOn, uniform_plan
-    from lohan_jax.tiers import MemorySpaces
     from lohan_jax.timeline import Timeline
     import dataclasses
 
@@ -247,19 +246,21 @@ def make_engine(args, model, spec, optim, b):
     if args.host_threads:
         host_adamw.set_num_threads(args.host_threads)
     host_adamw.warmup()
-    spaces = MemorySpaces()
     key = jax.random.key(0)
     init_block = jax.jit(lambda k, i: model.block_module.init(jax.random.fold_in(k, i),
                                                               jnp.zeros((1, 8, spec.d_model), jnp.bfloat16))["params"])
     k_blocks = jax.random.split(key, 3)[2]
 
-    def unit_params(k):  # initialised on the GPU, landed in pinned memory at PCIe speed, read as numpy
+    def unit_params(k):  # initialised on the GPU, read as numpy straight into pageable memory: not through
+        # XLA's pinned pool, which the run caps at the plan's need (1.3 GB of fp32 per 13B block would crowd it)
+        if trace is not None:  # where a slow init spends its time shows in the memory trace
+            trace.phase = f"engine init: unit {k}"
         if 1 <= k <= spec.n_layers:
             with jax.numpy_dtype_promotion("standard"):
                 tree = init_block(k_blocks, k - 1)
         else:
             tree = model.init_unit(key, k, 8)
-        return jax.tree.map(np.asarray, spaces.to_host(tree))
+        return jax.device_get(tree)
 
     t0 = time.perf_counter()
     engine = OffloadEngine(model, unit_params, plan, optim=optim, total_steps=args.steps,
