@@ -39,7 +39,8 @@ def build_runs(args, plan_dir: Path, log_dir: Path) -> list[sr.Run]:
 
 
 def plot(rows: list[dict], png: Path) -> None:
-    fig, (ax,) = sr.new_figure(1, f"planner: predicted vs measured step time (planner's plans, h100-80g profile)\n"
+    fig, (ax,) = sr.new_figure(1, f"planner: predicted vs measured step time (h100-80g profile; the planner's own plans,\n"
+                                  f"and the 13B three-tier hand plan of largest_model.jsonl) "
                                   f"band: +/-{TOLERANCE:.0%}")
     ok = [r for r in rows if r.get("status") == "ok" and r.get("predicted_step_s") and r.get("step_s")]
     hi = max([max(r["predicted_step_s"], r["step_s"]) for r in ok] + [1.0]) * 1.15
