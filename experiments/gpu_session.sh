@@ -42,7 +42,7 @@ if [ "$part" = d ]; then  # paper-13b on all three tiers: last 12 blocks in HBM 
   free -g | head -2; df -h /tmp | tail -1
 fi
 if [ "$part" = e ]; then  # issue 4: the disk tier tuned, then paper-13b with the planner's own plan
-  log store bench; timeout 120 python3 experiments/store_bench.py --path /tmp/lohan_sb --units 3 --unit-gib 1 \
+  log store bench; timeout 90 python3 experiments/store_bench.py --path /tmp/lohan_sb --units 2 --unit-gib 1 \
     --out "$out/store_bench.jsonl" > "$out/store_bench.log" 2>&1; tail -8 "$out/store_bench.log"; rm -rf /tmp/lohan_sb
   best=$(grep '^best:' "$out/store_bench.log" | tail -1); mode=$(echo "$best" | sed -n 's/.*io_mode=\([a-z]*\).*/\1/p')
   conc=$(echo "$best" | sed -n 's/.*io_concurrency=\([0-9]*\).*/\1/p')
