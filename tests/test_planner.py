@@ -278,12 +278,52 @@ def test_planned_traffic_equals_engine_counted_traffic():
 
 
 def test_profiles_round_trip(tmp_path):
-    mp = model_profile_from_spec(get_spec("llama2-7b"), 2048)
+    mp = dataclasses.replace(model_profile_from_spec(get_spec("llama2-7b"), 2048),
+                             block_bwd_points_ms=((0.0, 1.5), (1 / 3, 2.25), (1.0, 3.0)))
     for suffix in (".json", ".yaml"):
         save_profile(tmp_path / f"p{suffix}", H100_80G, mp)
         m2, mp2 = load_profile(tmp_path / f"p{suffix}")
         assert m2 == H100_80G and mp2 == mp
     assert model_from_dict(json.loads(json.dumps(dataclasses.asdict(mp)))) == mp
+
+
+def test_measured_backward_is_piecewise_linear_through_the_saved_set_levels():
+    base = _measured_6b(8, 20.64, 57.45)
+    wl0 = Workload(base, 8)
+    ranked = [c.name for c in base.ranked_candidates()]
+    policies = [ActivationPolicy(save=None)] + [ActivationPolicy(save=tuple(ranked[:k]))
+                                                 for k in range(len(ranked), 0, -1)] + [ActivationPolicy(save=())]
+    fracs = [base.rec_frac(p.save) for p in policies]
+    assert fracs == sorted(fracs) and fracs[0] == 0.0 and fracs[-1] == 1.0
+    # saving is worth more than its FLOP share: the measured levels sit below the two-point line
+    lo, hi = base.block_bwd_keep_ms, base.block_bwd_recompute_ms
+    ms = [lo + (hi - lo) * f**2 for f in fracs]
+    line = [wl0.block_times_s(p, H100_80G)[1] * 1e3 for p in policies]
+    assert all(y < y0 for y, y0 in zip(ms[1:-1], line[1:-1]))
+    wl = Workload(dataclasses.replace(base, block_bwd_points_ms=tuple(zip(fracs, ms))), 8)
+    for p, want in zip(policies, ms):  # the measured points, exactly
+        assert wl.block_times_s(p, H100_80G)[1] * 1e3 == pytest.approx(want, rel=1e-12)
+    xs = [x for x0, x1 in zip(fracs, fracs[1:]) for x in (x0 + (x1 - x0) * t / 4 for t in range(5))]
+    ys = [wl.model.block_bwd_ms(x) for x in xs]
+    assert all(a <= b + 1e-12 for a, b in zip(ys, ys[1:]))  # monotone between them
+    # the forward and the chunked form are untouched
+    assert wl.block_times_s(policies[2], H100_80G)[0] == wl0.block_times_s(policies[2], H100_80G)[0]
+
+
+def test_old_profile_without_points_loads_with_todays_two_point_times(tmp_path):
+    mp = _measured_6b(8, 20.64, 57.45)
+    save_profile(tmp_path / "p.json", H100_80G, mp)
+    raw = json.loads((tmp_path / "p.json").read_text())
+    del raw["model"]["block_bwd_points_ms"]  # written before the field existed
+    (tmp_path / "old.json").write_text(json.dumps(raw))
+    _, old = load_profile(tmp_path / "old.json")
+    assert old == mp and old.block_bwd_points_ms == ()
+    wl = Workload(old, 8)
+    for k in range(len(old.ranked_candidates()) + 1):
+        save = tuple(c.name for c in old.ranked_candidates()[:k])
+        f = old.save_recompute_flops_per_token(save) / old.recompute_flops_per_token
+        want = (old.block_bwd_keep_ms + (old.block_bwd_recompute_ms - old.block_bwd_keep_ms) * f) * 1e-3
+        assert wl.block_times_s(ActivationPolicy(save=save), H100_80G)[1] == pytest.approx(want, rel=1e-12)
 
 
 @pytest.mark.parametrize("name", list(BUILTIN))
@@ -334,3 +374,9 @@ def test_cli_profile_on_cpu(tmp_path, capsys):
     assert m.host_adam_gparams_per_s > 0 and m.ram_gib > 0 and m.h2d_gbps > 0
     assert mp.measured and mp.block_fwd_ms > 0 and mp.block_bwd_recompute_ms >= mp.block_bwd_keep_ms > 0
     assert [c.name for c in mp.candidates] == ["qkv", "attn_ctx", "attn_res", "mlp_up", "mlp_act"]
+    pts = mp.block_bwd_points_ms  # --quick: the ends and every third saved-set level
+    assert pts[0] == (0.0, mp.block_bwd_keep_ms) and pts[-1] == (1.0, mp.block_bwd_recompute_ms) and len(pts) >= 3
+    assert [x for x, _ in pts] == sorted({x for x, _ in pts}) and [y for _, y in pts] == sorted(y for _, y in pts)
+    save = tuple(c.name for c in mp.ranked_candidates()[:3])
+    assert mp.block_bwd_ms(mp.rec_frac(save)) in [y for _, y in pts[1:-1]]
+    assert "recompute share:ms" in capsys.readouterr().out

@@ -123,7 +123,8 @@ def _profile(args: argparse.Namespace) -> int:
     if not args.no_model:
         attention = None if t.attention == "auto" else t.attention
         model = measure_model_profile(cfg.model, t.micro_batch_size, t.seq_len, dtype, attention,
-                                      reps=2 if args.quick else 5, chunks=not args.quick)
+                                      reps=2 if args.quick else 5, chunks=not args.quick,
+                                      level_step=3 if args.quick else 1)  # --quick: every third saved-set level
     machine = measure_machine(args.name, args.disk_path, args.quick, model)
     save_profile(args.out, machine, model)
     print(f"machine {machine.name}: HBM {machine.hbm_gib:.1f} GiB free, block matmul {machine.gpu_block_tflops:.1f} "
@@ -133,7 +134,9 @@ def _profile(args: argparse.Namespace) -> int:
              if machine.disk_gib else ""))
     if model is not None:
         print(f"model {model.model} at {t.micro_batch_size}x{t.seq_len}: block fwd {model.block_fwd_ms:.2f} ms, bwd "
-              f"{model.block_bwd_keep_ms:.2f} ms (keep) / {model.block_bwd_recompute_ms:.2f} ms (recompute), head "
+              f"{model.block_bwd_keep_ms:.2f} ms (keep) / {model.block_bwd_recompute_ms:.2f} ms (recompute)"
+              + (" [recompute share:ms " + " ".join(f"{x:.2f}:{ms:.2f}" for x, ms in model.block_bwd_points_ms) + "]"
+                 if model.block_bwd_points_ms else "") + ", head "
               f"{model.head_ms:.2f} ms; activations per token: "
               + ", ".join(f"{c.name} {c.nbytes_per_token:.0f} B" for c in model.candidates))
     print(f"saved to {Path(args.out)}")

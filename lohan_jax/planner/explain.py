@@ -17,6 +17,7 @@ def _faster(resource: str, wl: Workload, m: MachineProfile, f: float) -> tuple[W
         mp = wl.model
         scaled = {k: getattr(mp, k) / f for k in ("block_fwd_ms", "block_bwd_keep_ms", "block_bwd_recompute_ms",
                                                    "head_ms", "embed_ms")}
+        scaled["block_bwd_points_ms"] = tuple((x, ms / f) for x, ms in mp.block_bwd_points_ms)
         wl = dataclasses.replace(wl, model=dataclasses.replace(mp, **scaled))
         return wl, m.with_(gpu_block_tflops=m.gpu_block_tflops * f, gpu_head_tflops=m.gpu_head_tflops * f,
                            gpu_adam_gparams_per_s=m.gpu_adam_gparams_per_s * f, hbm_gbps=m.hbm_gbps * f)

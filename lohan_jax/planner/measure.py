@@ -89,15 +89,17 @@ def activation_profile(model, spec, micro_batch: int, seq_len: int,
     return tuple(cands), keep.residual_nbytes / tokens, saved_per_token(keep, analytic.recompute_flops_per_token)
 
 
-def block_times_ms(model, spec, micro_batch: int, seq_len: int, dtype, reps: int = 5,
-                   chunks: bool = True) -> dict[str, tuple[float, float]]:
-    """Median (forward, backward) ms of one block under keep and recompute (and recompute in 2 chunks when
-    asked and the micro-batch allows), weights resident, through the engine's BlockProgram."""
+def block_times_ms(model, spec, micro_batch: int, seq_len: int, dtype, reps: int = 5, chunks: bool = True,
+                   saves: tuple[tuple[str, ...], ...] = ()) -> dict[str, tuple[float, float]]:
+    """Median (forward, backward) ms of one block under keep, recompute and `save:<names>` for each of `saves`
+    (and recompute in 2 chunks when asked and the micro-batch allows), weights resident, through the engine's
+    BlockProgram, keyed by the policy's text. A policy other than recompute that runs out of memory is left out."""
     layout, w_aval, x_aval = _block_setup(model, spec, micro_batch, seq_len, dtype)
     w = _random_flat(layout, dtype)  # timing needs the shapes, not the initialisation
     x = jax.random.normal(jax.random.key(1), x_aval.shape, dtype)
     dy = jnp.ones(x_aval.shape, dtype)
-    policies = ("keep", "recompute") + (("recompute+chunks=2",) if chunks and micro_batch % 2 == 0 else ())
+    policies = ("keep", "recompute", *(f"save:{','.join(names)}" for names in saves)) \
+        + (("recompute+chunks=2",) if chunks and micro_batch % 2 == 0 else ())
     out = {}
     for text in policies:
         prog = BlockProgram(model, layout, ActivationPolicy.parse(text), w_aval, x_aval)
@@ -113,7 +115,7 @@ def block_times_ms(model, spec, micro_batch: int, seq_len: int, dtype, reps: int
         except Exception as e:  # noqa: BLE001
             if text == "recompute" or not _oom(e):
                 raise
-            continue  # `keep` (or chunks) does not fit this micro-batch on this device: derived instead
+            continue  # `keep` (a saved set, chunks) does not fit this micro-batch here: derived or skipped
         out[text] = (statistics.median(fwd[1:]) * 1e3, statistics.median(bwd[1:]) * 1e3)
     return out
 
@@ -138,18 +140,24 @@ def edge_times_ms(model, spec, micro_batch: int, seq_len: int, dtype, reps: int 
 
 
 def measure_model_profile(spec, micro_batch: int, seq_len: int, dtype=jnp.bfloat16, attention_impl: str | None = None,
-                          reps: int = 5, chunks: bool = True) -> ModelProfile:
-    """The model's profile on the default device: analytic shapes, measured activations and times."""
+                          reps: int = 5, chunks: bool = True, level_step: int = 1) -> ModelProfile:
+    """The model's profile on the default device: analytic shapes, measured activations and times. The block
+    backward is timed at every `level_step`-th saved-set level the search uses (prefixes of the ranked
+    candidates; 0: only the keep and recompute ends), each a compile of its own."""
     from lohan_jax.models import build_model
 
     model = build_model(spec, dtype, attention_impl)
     itemsize = jnp.dtype(dtype).itemsize
     base = model_profile_from_spec(spec, seq_len, itemsize)
     cands, keep_bytes, keep_flops = activation_profile(model, spec, micro_batch, seq_len, dtype)
+    base = dataclasses.replace(base, candidates=cands, keep_nbytes_per_token=keep_bytes,
+                               recompute_flops_per_token=keep_flops)
+    ranked = tuple(c.name for c in base.ranked_candidates())
+    saves = tuple(ranked[:k] for k in range(level_step, len(ranked) + 1, level_step)) if level_step > 0 else ()
     b = micro_batch
     while True:  # the micro-batch at hand, else the largest half of it that fits (times scale per token)
         try:
-            times = block_times_ms(model, spec, b, seq_len, dtype, reps, chunks)
+            times = block_times_ms(model, spec, b, seq_len, dtype, reps, chunks, saves)
             head_ms, embed_ms = edge_times_ms(model, spec, b, seq_len, dtype, max(2, reps // 2))
             break
         except Exception as e:  # noqa: BLE001
@@ -160,11 +168,18 @@ def measure_model_profile(spec, micro_batch: int, seq_len: int, dtype=jnp.bfloat
     fwd_k, bwd_k = times.get("keep", (fwd_r, 2 * fwd_r))  # keep's backward: the two matmul passes
     chunked = times.get("recompute+chunks=2")
     overhead = (sum(chunked) / (fwd_r + bwd_r)) if chunked else 1.0
+    bwd_r = max(bwd_r, bwd_k)
+    points = {0.0: bwd_k, 1.0: bwd_r}
+    for names in saves:  # a level that ran out of memory is not in `times`: the line spans it
+        if f"save:{','.join(names)}" in times:
+            points.setdefault(base.rec_frac(names), min(max(times[f"save:{','.join(names)}"][1], bwd_k), bwd_r))
+    # the backward cannot get faster by saving less: a running max over the levels irons out timing noise
+    ms = [(x, max(points[v] for v in sorted(points) if v <= x)) for x in sorted(points)]
     device = jax.devices()[0].device_kind
     return dataclasses.replace(
-        base, candidates=cands, keep_nbytes_per_token=keep_bytes, recompute_flops_per_token=keep_flops,
-        tokens_measured=b * seq_len, block_fwd_ms=(fwd_k + fwd_r) / 2, block_bwd_keep_ms=bwd_k,
-        block_bwd_recompute_ms=max(bwd_r, bwd_k), head_ms=head_ms, embed_ms=embed_ms,
+        base, tokens_measured=b * seq_len, block_fwd_ms=(fwd_k + fwd_r) / 2, block_bwd_keep_ms=bwd_k,
+        block_bwd_recompute_ms=bwd_r, block_bwd_points_ms=tuple(ms) if saves else (),
+        head_ms=head_ms, embed_ms=embed_ms,
         chunk_overhead=max(1.0, overhead),
         source=f"measured on {device}, {datetime.date.today().isoformat()}, micro-batch {b}x{seq_len}")
 

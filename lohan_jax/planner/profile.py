@@ -112,6 +112,11 @@ class ModelProfile:
     block_fwd_ms: float = 0.0
     block_bwd_keep_ms: float = 0.0
     block_bwd_recompute_ms: float = 0.0
+    # (recompute-FLOP fraction left, backward ms) measured at the saved-set levels the search uses, sorted by
+    # fraction; empty: the backward is interpolated linearly between the keep and recompute ends. Measured
+    # because recompute time is not proportional to FLOPs (gpt3-1.3b on the H100: two plans rated 1% apart
+    # by the two-point line ran 17% apart, attention's recompute costing more than its FLOP share).
+    block_bwd_points_ms: tuple[tuple[float, float], ...] = ()
     head_ms: float = 0.0  # head forward + backward + loss
     embed_ms: float = 0.0  # embedding forward + backward
     chunk_overhead: float = 1.0  # time factor of a block run as chunks > 1 (measured 1.12 on the H100)
@@ -132,6 +137,21 @@ class ModelProfile:
         """Candidates worth keeping, best benefit first (deterministic: ties by name)."""
         useful = [c for c in self.candidates if c.recompute_flops_per_token > 0.01 * self.d_model]
         return tuple(sorted(useful, key=lambda c: (-c.benefit, c.name)))
+
+    def rec_frac(self, save: tuple[str, ...] | None) -> float:
+        """The fraction of the `recompute` policy's extra backward FLOPs left under a policy (0 keep, 1 none saved)."""
+        return self.save_recompute_flops_per_token(save) / max(self.recompute_flops_per_token, 1e-9)
+
+    def block_bwd_ms(self, rec_frac: float) -> float:
+        """Measured backward ms of one block at `rec_frac`: piecewise linear through the measured points (the
+        keep and recompute ends when no points are stored), constant beyond the outermost ones."""
+        pts = self.block_bwd_points_ms or ((0.0, self.block_bwd_keep_ms), (1.0, self.block_bwd_recompute_ms))
+        if rec_frac <= pts[0][0]:
+            return pts[0][1]
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            if rec_frac <= x1:
+                return y1 if x1 <= x0 else y0 + (y1 - y0) * (rec_frac - x0) / (x1 - x0)
+        return pts[-1][1]
 
     def save_nbytes_per_token(self, save: tuple[str, ...] | None) -> float:
         if save is None:
@@ -200,6 +220,7 @@ def machine_from_dict(d: dict[str, Any]) -> MachineProfile:
 def model_from_dict(d: dict[str, Any]) -> ModelProfile:
     d = dict(d)
     d["candidates"] = tuple(Candidate(**c) for c in d.get("candidates", ()))
+    d["block_bwd_points_ms"] = tuple((float(x), float(ms)) for x, ms in d.get("block_bwd_points_ms", ()))
     return ModelProfile(**d)
 
 

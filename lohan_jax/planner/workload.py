@@ -54,16 +54,15 @@ class Workload:
     def block_times_s(self, act: ActivationPolicy, machine: MachineProfile) -> tuple[float, float]:
         """(forward, backward incl. the policy's recompute) of one block."""
         m = self.model
-        rec_all = max(m.recompute_flops_per_token, 1e-9)
-        rec_frac = m.save_recompute_flops_per_token(act.save) / rec_all
-        if m.measured:
+        rec_frac = m.rec_frac(act.save)
+        if m.measured:  # piecewise linear in rec_frac through the measured saved-set levels
             s = self._scale()
             fwd = m.block_fwd_ms * s / 1e3
-            bwd = (m.block_bwd_keep_ms + (m.block_bwd_recompute_ms - m.block_bwd_keep_ms) * rec_frac) * s / 1e3
+            bwd = m.block_bwd_ms(rec_frac) * s / 1e3
         else:
             rate = machine.gpu_block_tflops * 1e12
             fwd = self.micro_tokens * m.fwd_flops_per_token / rate
-            bwd = self.micro_tokens * (2 * m.fwd_flops_per_token + rec_frac * rec_all) / rate
+            bwd = self.micro_tokens * (2 * m.fwd_flops_per_token + rec_frac * m.recompute_flops_per_token) / rate
         if act.chunks > 1:
             fwd, bwd = fwd * m.chunk_overhead, bwd * m.chunk_overhead
         return fwd, bwd
