@@ -309,9 +309,9 @@ def search(wl: Workload, machine: MachineProfile, opts: SearchOptions = SearchOp
     if start is None:
         return PlanResult(None, None, wl, machine, space.budgets, tuple(problems), space.evaluations,
                           time.perf_counter() - t0)
-    # a few starting points: a shallower pipeline or more chunks free HBM that the greedy may spend better
-    chunks = [start.chunks] + ([2 * start.chunks] if start.chunks > 1 and wl.micro_batch % (2 * start.chunks) == 0
-                               else [])
+    # a few starting points: a shallower pipeline or more chunks free HBM that the greedy may spend better (also
+    # from one chunk: a halved block-backward temp is what fits a fragmented pool, 6B b32 at 24 GiB on the H100)
+    chunks = [start.chunks] + ([2 * start.chunks] if wl.micro_batch % (2 * start.chunks) == 0 else [])
     pipes = [(d, k) for d, k in ((2, 1), (1, 1), (1, 0)) if (d, k) <= (start.depth, start.keep_turn)]
     candidates = [dataclasses.replace(start, chunks=c, depth=d, keep_turn=k) for c in chunks for d, k in pipes]
     n = opts.group_blocks or max(1, math.ceil(L / 16))
