@@ -67,12 +67,14 @@ def _raise_pinned_host_limit() -> None:
     """XLA caps pinned host memory at 64 GB unless told otherwise (MACHINE.md); a 6B model's state alone is
     ~70 GB. Must run before jax starts its GPU client, hence here and not in the engine. `train` on a GPU caps
     the pool from its plan instead (lohan_jax.pinned_pool: a pool far above the need can take twice the need)."""
-    if "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB" not in os.environ:
+    from lohan_jax.plan_memory import PINNED_LIMIT_ENV
+
+    if PINNED_LIMIT_ENV not in os.environ:
         try:
             total_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
         except (ValueError, OSError):
             return
-        os.environ["XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"] = str(int(total_gb * 0.9))
+        os.environ[PINNED_LIMIT_ENV] = str(int(total_gb * 0.9))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,6 @@ default memory, with a warning: the numerics are the same, there is just no offl
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +24,8 @@ import optax
 from jax.sharding import SingleDeviceSharding
 
 from lohan_jax.config import OptimConfig
+from lohan_jax.engine.memory import pinned_limit_nbytes
+from lohan_jax.plan_memory import PINNED_LIMIT_ENV
 from lohan_jax.models import DecoderModel, Params, cast_floating, decay_mask
 from lohan_jax.optim.schedule import make_optax_adamw, make_schedule
 from lohan_jax.reference import over_micro_batches
@@ -207,8 +208,7 @@ class JaxNativeOffloadTrainer:
         if not host_bytes or self.device.platform != "gpu":
             return
         limits = {"available RAM": available_ram_gib() * GIB,
-                  "XLA's pinned-host cap (XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB)":
-                      float(os.environ.get("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", "64")) * 1e9}
+                  f"XLA's pinned-host cap ({PINNED_LIMIT_ENV})": pinned_limit_nbytes()}
         for what, limit in limits.items():
             if limit and host_bytes > limit:
                 raise BaselineOutOfMemory(

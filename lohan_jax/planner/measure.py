@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lohan_jax.engine.layout import FlatLayout
+from lohan_jax.engine.memory import pinned_limit_nbytes
 from lohan_jax.engine.programs import BlockProgram, EdgePrograms
 from lohan_jax.plan import ActivationPolicy
 from lohan_jax.planner.profile import (
@@ -252,5 +253,5 @@ def measure_machine(name: str = "", disk_path: str = "", quick: bool = False,
         h2d_gbps=h2d, d2h_gbps=d2h, duplex_gbps=both,
         host_adam_gparams_per_s=measure_host_adam_gparams_per_s((4 << 20) if quick else (64 << 20)),
         cpu_cores=os.cpu_count() or 0, ram_gib=ram,
-        pinned_limit_gib=float(os.environ.get("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", "64")) * 1e9 / GIB if on_gpu else 0,
+        pinned_limit_gib=pinned_limit_nbytes() / GIB if on_gpu else 0,
         **disk, source=f"measured on {device.device_kind}, {datetime.date.today().isoformat()}")
