@@ -52,7 +52,8 @@ v = sr.planner_verdict("paper-13b", 8, 0.0); v["plan"].save("/tmp/plan13.json");
 PY
 )
   log 13B planner plan, io_mode=${mode:-default} concurrency=${conc:-8}, pinned cap ${limit} GB
-  timeout 470 python3 experiments/bench_step.py --system lohan_jax --model paper-13b --batch 8 --steps 4 --lr 1e-5 \
+  left=$((585 - SECONDS)); log "13B time limit ${left} s"
+  timeout $left python3 experiments/bench_step.py --system lohan_jax --model paper-13b --batch 8 --steps 4 --lr 1e-5 \
     --plan-file /tmp/plan13.json --disk-path /tmp/lohan_state --pinned-limit-gb "$limit" --disk-io-mode "${mode:-default}" \
     --disk-io-concurrency "${conc:-8}" --measure-disk-gib 4 --experiment largest_model --out "$out/largest_model.jsonl" \
     --timeline "$out" --no-peak --mem-trace "$out/mem13b.jsonl" > "$out/engine13b.log" 2>&1
