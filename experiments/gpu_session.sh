@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU-machine session: environment, GPU exactness tests, host AdamW rate, step benchmarks.
 # usage: bash experiments/gpu_session.sh PART OUTDIR   (PART: a = checks + tests + small runs, b = 6B runs,
-#   c = 6B batch 64, d = 13B hand plan on three tiers, e = store bench + 13B with the planner's plan)
+#   c = 6B batch 64, d = 13B hand plan on three tiers, e = store bench + 13B with the planner's plan,
+#   f = the largest model the plan fits: 13B shape with 46 layers, batch 1)
 set -u
 part=${1:-a}; out=${2:-/tmp/gpu_out}; mkdir -p "$out"
 export PYTHONPATH=$PWD XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=120 PYTHONUNBUFFERED=1
@@ -59,9 +60,17 @@ PY
     --timeline "$out" --no-peak --mem-trace "$out/mem13b.jsonl" > "$out/engine13b.log" 2>&1
   grep -E "step [0-9]|engine ready|raw disk|Error|error" "$out/engine13b.log" | tail -8; free -g | head -2
 fi
+if [ "$part" = f ]; then  # issue 4: the largest model the plan fits on this machine (paper-13b's shape, 46 layers, batch 1)
+  plan=experiments/results/largest_model_plans/paper-13b-46l-b1.json; df -h /tmp | tail -1
+  log 14.7B planner plan; timeout $((585 - SECONDS)) python3 experiments/bench_step.py --system lohan_jax --model paper-13b \
+    --layers 46 --batch 1 --steps 3 --lr 1e-5 --plan-file $plan --disk-path /tmp/lohan_state --pinned-limit-gb 38 \
+    --measure-disk-gib 4 --experiment largest_model --out "$out/largest_model.jsonl" --timeline "$out" --no-peak \
+    --mem-trace "$out/mem14b.jsonl" > "$out/engine14b.log" 2>&1
+  grep -E "step [0-9]|engine ready|raw disk|Error|error" "$out/engine14b.log" | tail -8; free -g | head -2
+fi
 python3 - "$out" <<'PY'
 import json, sys, glob
-for f in sorted(glob.glob(sys.argv[1] + "/*.jsonl")):
+for f in sorted(g for g in glob.glob(sys.argv[1] + "/*.jsonl") if not g.split("/")[-1].startswith("mem")):
     for line in open(f):
         r = json.loads(line)
         print(f.split("/")[-1], {k: r.get(k) for k in ("system", "model", "batch_tokens", "step_s", "tokens_per_s",
