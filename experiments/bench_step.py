@@ -72,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="experiments/results/step_throughput.jsonl")
     p.add_argument("--timeline", default="", help="directory for the last step's timeline (trace, PNG, summary)")
     p.add_argument("--no-peak", action="store_true", help="skip the block-only peak measurement")
+    p.add_argument("--allocator", default="", choices=("", "bfc", "vmm", "cuda_async"),
+                   help="XLA's GPU allocator (XLA_PYTHON_CLIENT_ALLOCATOR; empty: the environment's, else XLA's BFC)")
     p.add_argument("--mem-trace", default="", help="JSON lines of host memory every 2 s, by phase (survives OOM kills)")
     return p.parse_args(argv)
 
@@ -87,6 +89,8 @@ def main(argv=None) -> int:
         # to this cap and never shrinks, so a cap far above the plan's need lets it take up to twice the need
         os.environ["XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"] = f"{args.pinned_limit_gb:g}"
     os.environ.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", "120")
+    if args.allocator:
+        os.environ["XLA_PYTHON_CLIENT_ALLOCATOR"] = args.allocator
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from lohan_jax.metrics import append_result
 
@@ -110,6 +114,12 @@ def main(argv=None) -> int:
         traceback.print_exc()
     import jax
     row["device"] = jax.devices()[0].device_kind
+    row["allocator"] = os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default")
+    stats = jax.devices()[0].memory_stats() or {}  # None on the CPU backend
+    for key, name in (("bytes_limit", "hbm_limit_gib"), ("peak_bytes_in_use", "hbm_peak_gib"),
+                      ("largest_free_block_bytes", "hbm_largest_free_block_gib")):
+        if key in stats:
+            row[name] = stats[key] / 2**30
     append_result(args.out, row)
     print(json.dumps(row, indent=1, default=str))
     return 0 if row["status"] == "ok" else 1

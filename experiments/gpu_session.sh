@@ -2,7 +2,8 @@
 # One GPU-machine session: environment, GPU exactness tests, host AdamW rate, step benchmarks.
 # usage: bash experiments/gpu_session.sh PART OUTDIR   (PART: a = checks + tests + small runs, b = 6B runs,
 #   c = 6B batch 64, d = 13B hand plan on three tiers, e = store bench + 13B with the planner's plan,
-#   f = the largest model the plan fits: 13B shape with 46 layers, batch 1)
+#   f = the largest model the plan fits: 13B shape with 46 layers, batch 1,
+#   g = XLA's GPU allocator (bfc | vmm | cuda_async) vs the 24 GiB pool's fragmentation, the planner's 6B plans)
 set -u
 part=${1:-a}; out=${2:-/tmp/gpu_out}; mkdir -p "$out"
 export PYTHONPATH=$PWD XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=120 PYTHONUNBUFFERED=1
@@ -67,6 +68,24 @@ if [ "$part" = f ]; then  # issue 4: the largest model the plan fits on this mac
     --measure-disk-gib 4 --experiment largest_model --out "$out/largest_model.jsonl" --timeline "$out" --no-peak \
     --mem-trace "$out/mem14b.jsonl" > "$out/engine14b.log" 2>&1
   grep -E "step [0-9]|engine ready|raw disk|Error|error" "$out/engine14b.log" | tail -8; free -g | head -2
+fi
+if [ "$part" = g ]; then  # the study's 6B b16/b32/b64 plans at 24 GiB failed under BFC (a contiguous jit_bwd temp)
+  pl=experiments/results/allocator_check/plans; export XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=120
+  for spec in "16 vmm 29" "16 cuda_async 29" "16 bfc 29" "64 vmm 43" "32 vmm 35"; do
+    set -- $spec; left=$((590 - SECONDS)); [ $left -lt 60 ] && break
+    log "6B b$1 24 GiB allocator $2 (${left} s left)"
+    TF_CPP_MIN_LOG_LEVEL=$([ "$2" = bfc ] && echo 0 || echo 1) timeout $((left < 170 ? left : 170)) python3 experiments/bench_step.py \
+      --system lohan_jax --model paper-6b --batch $1 --steps 3 --gpu-budget-gib 24 --no-peak --plan-file $pl/paper-6b-b$1-24gib.json \
+      --pinned-limit-gb $3 --allocator $2 --experiment allocator_check --out "$out/allocator_check.jsonl" > "$out/b$1_$2.log" 2>&1
+    grep -E "^step [0-9]|RESOURCE_EXHAUSTED|Error" "$out/b$1_$2.log" | head -4 | cut -c1-300
+  done
+  python3 - "$out/allocator_check.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print({k: r.get(k) for k in ("batch_tokens", "allocator", "status", "step_s", "tokens_per_s", "hbm_limit_gib",
+                                 "hbm_peak_gib", "hbm_largest_free_block_gib")})
+PY
 fi
 python3 - "$out" <<'PY'
 import json, sys, glob
