@@ -48,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-4,
                    help="AdamW learning rate (constant); a large model's first steps on random tokens overshoot at 1e-4")
     p.add_argument("--pinned-limit-gb", type=float, default=0.0,
-                   help="cap XLA's pinned host pool (XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB) at this many GB; the "
+                   help="cap XLA's pinned host pool (XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB) at this many GiB (XLA reads it so); the "
                         "studies pass the plan's pinned need plus a margin (0: the environment's, else 120)")
     p.add_argument("--disk-io-order", choices=["reordered", "naive"], default=None,
                    help="disk state reads issued ahead of the updates (reordered) or only as each update starts, "

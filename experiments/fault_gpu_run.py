@@ -11,7 +11,8 @@ Part A (kill and resume; lohan_jax.drill with fresh processes): paper-6b, bf16, 
   3. `lohan-jax train --resume` to the end; every logged loss and the final held-out loss (a function of every
      final weight) must equal the reference's bit for bit.
 Part B (memory safety): a GPT of d_model 4096 with as many layers as the engine's accounting fits in this
-machine's RAM budget (free RAM, cgroup-aware, minus 5%), state in host RAM, 3 steps: it must finish (not
+machine's RAM budget (free RAM, cgroup-aware, minus 5%), state in host RAM (offload.plan=uniform: the planner's
+auto plan would move state into HBM and fit one layer more, as it did on 2026-11-26), 3 steps: it must finish (not
 killed) with its peak RSS under the budget; one layer more must be refused (exit 2, "host RAM: needs").
 
 Rows go to experiments/results/fault_recovery.jsonl (RESULTS.md schema: resume_identical, status, peak RSS).
@@ -127,6 +128,7 @@ def part_b(args, work: Path) -> dict:
 
     d, heads, vocab = (256, 4, 257) if args.tiny else (4096, 32, 50257)
     base = [f"train.seq_len={args.seq}", f"train.batch_size={args.batch}", "train.steps=3", "data.eval_fraction=0",
+            "offload.plan=uniform",  # state in host RAM, the plan both this process and the run account for
             "train.compute_dtype=" + ("float32" if args.tiny else "bfloat16")]
     if args.ram_budget_gib:
         base.append(f"offload.host_budget_gib={args.ram_budget_gib}")

@@ -130,7 +130,7 @@ def measure_model_profiles(models, log_dir: Path, *, micro_batch: int = 8, dry_r
 
 def planner_verdict(model: str, batch: int, cap_gib: float) -> dict:
     """The planner's answer for this configuration: its plan and prediction, or its refusal with the numbers."""
-    from lohan_jax.plan_memory import pinned_pool_limit_gb
+    from lohan_jax.plan_memory import pinned_pool_limit_gib
     from lohan_jax.planner import search, suggestions
     from lohan_jax.planner.capacity import memory
 
@@ -141,7 +141,7 @@ def planner_verdict(model: str, batch: int, cap_gib: float) -> dict:
     # XLA's pinned pool grows up to its cap and never shrinks: capped at the plan's need + margin, as
     # `lohan-jax train` caps it (a 6B batch-32 plan was OOM-killed under a 120 GB cap: plan_memory)
     return {"fits": True, "executable": r.executable, "plan": r.plan, "predicted_step_s": r.prediction.step_s,
-            "pinned_limit_gb": pinned_pool_limit_gb(memory(r.plan, wl).pinned_bytes),
+            "pinned_limit_gb": pinned_pool_limit_gib(memory(r.plan, wl).pinned_bytes),
             "predicted_tokens_per_s": r.prediction.tokens_per_s,
             "disk_gib": sum(1 for u in r.plan.units if u.optim_state.value == "disk")}
 

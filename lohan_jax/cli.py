@@ -71,10 +71,10 @@ def _raise_pinned_host_limit() -> None:
 
     if PINNED_LIMIT_ENV not in os.environ:
         try:
-            total_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+            total_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
         except (ValueError, OSError):
             return
-        os.environ[PINNED_LIMIT_ENV] = str(int(total_gb * 0.9))
+        os.environ[PINNED_LIMIT_ENV] = str(int(total_gib * 0.9))  # GiB, as XLA reads it
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 XLA reads XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB once, as its GPU backend starts (the first jax.devices() or array op),
 and its pool grows up to that cap and never shrinks: under a cap far above the plan's need it can take up to ~2x
-the need (the measurement is at plan_memory.pinned_pool_limit_gb). So `lohan-jax train` resolves the plan first,
+the need (the measurement is at plan_memory.pinned_pool_limit_gib). So `lohan-jax train` resolves the plan first,
 from what nvidia-smi says of the GPU (its name picks the built-in machine profile; its memory stands for the HBM
 jax will report), and caps the pool at the plan's pinned need plus the margin; the run then runs that same plan
 (preflight.run_plan keeps it). A cap the user set is kept, and a plan over it is refused here, before jax starts.
@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 
-from lohan_jax.plan_memory import GIB, PINNED_LIMIT_ENV, pinned_pool_limit_gb
+from lohan_jax.plan_memory import GIB, PINNED_LIMIT_ENV, pinned_pool_limit_gib
 
 log = logging.getLogger(__name__)
 # XLA's GPU allocator may use this fraction of the card's memory (jax's default: 0.75)
@@ -74,7 +74,7 @@ def _jax_started() -> bool:
 
 def cap_pinned_pool(cfg) -> float | None:
     """Before jax starts: cap XLA's pinned pool at the run's plan's pinned need plus the margin (set
-    XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB) and return the cap in GB. A cap already set is kept (returned), and a plan
+    XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB) and return the cap in GiB. A cap already set is kept (returned), and a plan
     whose pinned need is over it is refused (MemoryBudgetError). None where there is no pool to cap from a plan:
     the CPU, no nvidia-smi, the reference or data-parallel engine, or jax already started."""
     from lohan_jax.config import ConfigError, EngineKind
@@ -98,18 +98,18 @@ def cap_pinned_pool(cfg) -> float | None:
             raise PlanRefused(f"{e}\n  - or a larger cap on XLA's pinned pool: {PINNED_LIMIT_ENV}={given} is set "
                               "(unset, lohan-jax caps it at the plan's pinned need + 10% + 2 GB)") from None
         raise
-    cap_gb = pinned_pool_limit_gb(est.pinned_bytes)
+    cap_gb = pinned_pool_limit_gib(est.pinned_bytes)
     if given:
         try:
             limit_gb = float(given)
         except ValueError:
-            raise ConfigError(f"{PINNED_LIMIT_ENV}={given!r} is not a number of GB") from None
+            raise ConfigError(f"{PINNED_LIMIT_ENV}={given!r} is not a number (of GiB, as XLA reads it)") from None
         # the engine's pinned budget (engine.memory.machine_budgets: 5% under XLA's cap), checked now
-        check_budgets(est, Budgets(None, int(limit_gb * 1e9 * 0.95), None))
-        log.info("XLA's pinned host pool: capped at %g GB by %s (the plan needs %.2f GiB pinned; unset, lohan-jax "
-                 "would cap it at %d GB)", limit_gb, PINNED_LIMIT_ENV, est.pinned_bytes / GIB, cap_gb)
+        check_budgets(est, Budgets(None, int(limit_gb * GIB * 0.95), None))
+        log.info("XLA's pinned host pool: capped at %g GiB by %s (the plan needs %.2f GiB pinned; unset, lohan-jax "
+                 "would cap it at %d GiB)", limit_gb, PINNED_LIMIT_ENV, est.pinned_bytes / GIB, cap_gb)
         return limit_gb
     os.environ[PINNED_LIMIT_ENV] = str(cap_gb)
-    log.info("XLA's pinned host pool: capped at %d GB (%s): the plan's pinned need, %.2f GiB, + 10%% + 2 GB",
+    log.info("XLA's pinned host pool: capped at %d GiB (%s): the plan's pinned need, %.2f GiB, + 10%% + 2 GB",
              cap_gb, PINNED_LIMIT_ENV, est.pinned_bytes / GIB)
     return float(cap_gb)

@@ -16,7 +16,12 @@ GIB = 2**30
 # and never shrinks, so under a cap far above the need it holds up to ~2x the need. On the H100 machine a 6B
 # batch-32 plan needing 43 GiB pinned + 63 GiB pageable was OOM-killed under a 120 GB cap, and ran under a cap of
 # its need + 10% + 2 GB (lohan_jax.pinned_pool sets it; the studies pass it to bench_step).
-PINNED_LIMIT_ENV = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"  # XLA's cap on its pinned host pool, read as jax starts
+PINNED_LIMIT_ENV = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"  # XLA's cap on its pinned host pool, read as jax starts,
+# in GiB despite the name (xla/pjrt/gpu: limit_gb * (1 << 30)). Until 2026-11-26 we read it as GB, and under a cap of
+# "33" (33 GiB, counted here as 30.7) the process held 36.0 GiB of shared (pinned) memory: a 7.46B model planned at
+# 98.7% of the RAM budget was OOM-killed at 124.2 GiB RSS (experiments/results/fault_recovery.jsonl). RAM counts
+# the pool at its cap times PINNED_POOL_RSS_FACTOR: the pinned memory seen beyond the cap (36.0 / 33 GiB).
+PINNED_POOL_RSS_FACTOR = 1.1
 PINNED_POOL_MARGIN = 0.10
 PINNED_POOL_SLACK_NBYTES = 2 * 10**9
 HEAD_CHUNK_NBYTES = GIB  # EdgePrograms' fp32-logits chunk
@@ -27,14 +32,16 @@ DISK_WRITES_IN_FLIGHT = 2
 DISK_GRADS_IN_FLIGHT = DISK_READ_WINDOW + DISK_WRITES_IN_FLIGHT + 1  # their gradients waiting in pinned memory
 # HBM kept free, as a fraction of the block backward's working memory, so that XLA's BFC allocator finds it in one
 # piece: each executable's temporaries are one allocation, made in a pool where streamed weights, swapped
-# activations and GPU state come and go at other times. Evidence (H100, 2026-11-25, paper-6b, 24 GiB pool):
-# batch 32 planned at 21.27 GiB (block backward working memory 8.00) failed, the pool fragmented, allocating the
-# block backward's 6.25 GiB: ~4.5 GiB (24 - 21.27 + 8.00 - 6.25) was free but not in one piece. The planner's
-# 7% margin (1.7 GiB) plus 0.5 x 8.00 keeps 5.7 GiB of the pool free; 0.35 would just match the failure. The
-# head's working memory is left out: it also counts its input and output buffers, and the batch-64 hand plan in
-# 8 chunks (head 5.28, block 3.75) ran at 20.77 GiB in the same pool; it still passes the engine's check
-# (22.65 <= 22.80 GiB), as batch 8 (13.15) does.
-FRAGMENTATION_RESERVE = 0.5
+# activations, gradients on their way out and GPU state come and go at other times. Evidence (H100, paper-6b, the
+# planner's own plans in a 24 GiB pool, BFC dumps in experiments/results/allocator_check/): at 0.5, batch 16, 32
+# and 64 failed in jit_bwd (batch 16: 4.01 GiB asked, 11.1 GiB free, largest piece 3.6 GiB); at 1.0 (and the
+# blocks' squared gradient norms moved off the GPU, engine._on_grad), batch 8, 16 and 64 ran (batch 16 touched the
+# pool's limit) and batch 32 (chunks=2) failed again: 5.26 GiB asked, 15.8 GiB free, pieces of at most 4.6 GiB,
+# cut by gradients and activations that outlive a block. 1.5 makes batch 32 run its blocks in 4 slices (the same
+# predicted step) and costs batch 8 and 16 one GPU-updated block each (+4% predicted). vmm and cuda_async, XLA's
+# other allocators, are no way out: vmm crashed (segfault) and cuda_async ignores the 24 GiB cap (peak 26.8 GiB).
+# The head's working memory is left out: it also counts its input and output buffers.
+FRAGMENTATION_RESERVE = 1.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,15 +84,16 @@ class MemoryEstimate:
 
     def with_pinned_pool(self, limit_nbytes: int | None = None) -> MemoryEstimate:
         """This estimate on a GPU: XLA's pinned pool counted in RAM at the cap this plan's need implies
-        (pinned_pool_limit_gb), or at `limit_nbytes` (XLA's actual cap) where that is lower."""
-        pool = pinned_pool_limit_gb(self.pinned_bytes) * 10**9
-        return dataclasses.replace(self, pinned_pool=pool if limit_nbytes is None else min(pool, limit_nbytes))
+        (pinned_pool_limit_gib), or at `limit_nbytes` (XLA's actual cap) where that is lower."""
+        cap = pinned_pool_limit_gib(self.pinned_bytes) * GIB if limit_nbytes is None else \
+            min(pinned_pool_limit_gib(self.pinned_bytes) * GIB, limit_nbytes)
+        return dataclasses.replace(self, pinned_pool=int(cap * PINNED_POOL_RSS_FACTOR))
 
 
-def pinned_pool_limit_gb(pinned_nbytes: int) -> int:
-    """The cap on XLA's pinned host pool (XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB, whole GB) for a plan that needs
-    `pinned_nbytes` of pinned host memory: the need plus 10% plus 2 GB, rounded up."""
-    return math.ceil((pinned_nbytes * (1 + PINNED_POOL_MARGIN) + PINNED_POOL_SLACK_NBYTES) / 1e9)
+def pinned_pool_limit_gib(pinned_nbytes: int) -> int:
+    """The cap on XLA's pinned host pool (XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB, which XLA reads as whole GiB) for a
+    plan that needs `pinned_nbytes` of pinned host memory: the need plus 10% plus 2 GB, rounded up."""
+    return math.ceil((pinned_nbytes * (1 + PINNED_POOL_MARGIN) + PINNED_POOL_SLACK_NBYTES) / GIB)
 
 
 def block_work_nbytes(chunks: int, tokens: int, d: int, f: int, itemsize: int, w_nbytes: int) -> int:

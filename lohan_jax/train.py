@@ -134,7 +134,7 @@ def run_training(cfg: Config, run_dir: Path | None = None, progress: bool = True
                     "mem/host_gib": m.ram_bytes / 2**30})
         if device.platform == "gpu":  # XLA's cap on its pinned pool (lohan_jax.pinned_pool sets it from the plan)
             from lohan_jax.engine.memory import pinned_limit_nbytes
-            run["mem/pinned_pool_limit_gb"] = pinned_limit_nbytes() / 1e9
+            run["mem/pinned_pool_limit_gib"] = pinned_limit_nbytes() / 2**30
         (run_dir / "run.json").write_text(json.dumps(run, indent=1))
         trainer.plan.save(run_dir / "plan.json")
     try:

@@ -9,24 +9,26 @@ import pytest
 from lohan_jax import pinned_pool, preflight
 from lohan_jax.config import load_config
 from lohan_jax.engine.memory import Budgets, MemoryBudgetError, check_budgets
-from lohan_jax.plan_memory import GIB, PINNED_LIMIT_ENV, MemoryEstimate, pinned_pool_limit_gb
+from lohan_jax.plan_memory import GIB, PINNED_LIMIT_ENV, PINNED_POOL_RSS_FACTOR, MemoryEstimate, pinned_pool_limit_gib
 
 H100_SMI = "NVIDIA H100 80GB HBM3, 81559, 10000\n"  # name, total and free MiB: ~9.8 GiB of HBM free
 RUN = ["model.name=gpt3-1.3b", "train.batch_size=8", "train.seq_len=1024", "train.engine=offload"]
 
 
 def test_the_margin_is_ten_percent_plus_two_gb_rounded_up():
-    assert pinned_pool_limit_gb(0) == 2
-    assert pinned_pool_limit_gb(10 * 10**9) == 13
-    assert pinned_pool_limit_gb(43 * GIB) == 53  # the 6B batch-32 plan OOM-killed under a 120 GB cap
+    assert pinned_pool_limit_gib(0) == 2  # GiB, as XLA reads XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB
+    assert pinned_pool_limit_gib(10 * GIB) == 13  # 11 GiB + 2 GB = 12.86 GiB
+    assert pinned_pool_limit_gib(43 * GIB) == 50  # the 6B batch-32 plan OOM-killed under a 120 GiB cap
 
 
 def test_ram_counts_the_pool_at_its_cap_on_the_gpu_only():
     est = MemoryEstimate(hbm={}, pinned={"streamed weights": 40 * GIB}, host={"Adam": 60 * GIB})
     assert est.ram_bytes == 100 * GIB  # the CPU: pinned memory is plain RAM
     pooled = est.with_pinned_pool()
-    assert pooled.pinned_pool == pinned_pool_limit_gb(40 * GIB) * 10**9 and pooled.ram_bytes > 106 * GIB
-    assert est.with_pinned_pool(45 * 10**9).pinned_pool == 45 * 10**9  # a lower cap bounds the pool
+    # counted at the cap, plus the pinned memory seen beyond it
+    assert pooled.pinned_pool == int(pinned_pool_limit_gib(40 * GIB) * GIB * PINNED_POOL_RSS_FACTOR)
+    assert pooled.ram_bytes > 110 * GIB
+    assert est.with_pinned_pool(45 * GIB).pinned_pool == int(45 * GIB * PINNED_POOL_RSS_FACTOR)  # a lower cap
     check_budgets(est, Budgets(None, None, 105 * GIB))
     with pytest.raises(MemoryBudgetError, match="host RAM.*pinned pool counted at its cap"):
         check_budgets(est, Budgets(None, 100 * GIB, 105 * GIB, pinned_limit_bytes=120 * 10**9))
@@ -56,8 +58,8 @@ def test_the_cap_comes_from_the_plan_the_run_then_runs(fake_gpu, monkeypatch, ca
     assert fake_gpu == ["3"]  # jax's device 0 is the first visible GPU
     plan = preflight.run_plan(cfg, pinned_pool.gpu_facts())
     need = memory(plan, workload_for(cfg)).pinned_bytes
-    assert need > 0 and cap == pinned_pool_limit_gb(need)
-    assert os.environ[PINNED_LIMIT_ENV] == str(int(cap)) and f"capped at {int(cap)} GB" in caplog.text
+    assert need > 0 and cap == pinned_pool_limit_gib(need)
+    assert os.environ[PINNED_LIMIT_ENV] == str(int(cap)) and f"capped at {int(cap)} GiB" in caplog.text
     # the run resolves train.compute_dtype (auto -> bfloat16) and asks again with jax's device: the same plan,
     # not one re-planned from the HBM jax reports (here none, which would give the profile's 75.6 GiB)
     ran = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compute_dtype="bfloat16"))

@@ -18,7 +18,7 @@ from lohan_jax.plan_memory import (  # noqa: F401 (GIB, MemoryEstimate, estimate
     PINNED_LIMIT_ENV,
     MemoryEstimate,
     estimate_memory,
-    pinned_pool_limit_gb,
+    pinned_pool_limit_gib,
 )
 
 
@@ -61,8 +61,8 @@ def machine_budgets(device, hbm_gib: float = 0.0, host_gib: float = 0.0, margin:
 
 
 def pinned_limit_nbytes() -> int:
-    """XLA's cap on its pinned host pool: the environment's, else XLA's default of 64 GB."""
-    return int(float(os.environ.get(PINNED_LIMIT_ENV, "64")) * 1e9)
+    """XLA's cap on its pinned host pool: the environment's, else XLA's default of 64 (GiB, as XLA reads it)."""
+    return int(float(os.environ.get(PINNED_LIMIT_ENV, "64")) * GIB)
 
 
 def free_disk_bytes(path: str | Path) -> int:
@@ -127,7 +127,7 @@ def check_budgets(est: MemoryEstimate, budgets: Budgets) -> None:
     if budgets.pinned_bytes is not None and est.pinned_bytes > budgets.pinned_bytes:
         problems.append(f"pinned host memory: needs {est.pinned_bytes / GIB:.2f} GiB, XLA's limit is "
                         f"{budgets.pinned_bytes / GIB:.2f} GiB (after a 5% margin). Fix: raise {PINNED_LIMIT_ENV} to "
-                        f"{pinned_pool_limit_gb(est.pinned_bytes)} before jax starts (or unset it: `lohan-jax train` "
+                        f"{pinned_pool_limit_gib(est.pinned_bytes)} before jax starts (or unset it: `lohan-jax train` "
                         "caps it at the plan's pinned need + 10% + 2 GB), or shrink the plan's pinned need (a "
                         "smaller batch, fewer swapped activations, more weights in HBM).")
     if budgets.host_bytes is not None and est.ram_bytes > budgets.host_bytes:

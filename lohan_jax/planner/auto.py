@@ -65,7 +65,7 @@ def live_machine(offload: Any, device: Any = None) -> MachineProfile:
         m = known[0].with_(hbm_gib=(free_hbm_gib(device) if hbm is None else hbm) or known[0].hbm_gib,
                            ram_gib=available_ram_gib(), source=f"{known[0].source}; capacities read live")
         if os.environ.get(PINNED_LIMIT_ENV):
-            m = m.with_(pinned_limit_gib=float(os.environ[PINNED_LIMIT_ENV]) * 1e9 / 2**30)
+            m = m.with_(pinned_limit_gib=float(os.environ[PINNED_LIMIT_ENV]))  # GiB, as XLA reads it
         m = m.with_(**(dict(disk_gib=disk_free_gib(disk_path), disk_path=disk_path) if disk_path
                        else dict(disk_gib=0.0, disk_path="")))
     else:

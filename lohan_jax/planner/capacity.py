@@ -32,7 +32,7 @@ Memory = MemoryEstimate
 
 def memory(plan: Plan, wl: Workload) -> Memory:
     """The engine's accounting (lohan_jax.plan_memory) for this workload on a GPU, plus the runtime's own RSS;
-    RAM counts XLA's pinned pool at the cap `lohan-jax train` sets from the plan (plan_memory.pinned_pool_limit_gb)."""
+    RAM counts XLA's pinned pool at the cap `lohan-jax train` sets from the plan (plan_memory.pinned_pool_limit_gib)."""
     m = wl.model
     return estimate_memory(plan, unit_params=m.unit_params(), compute_itemsize=m.itemsize, micro_batch=wl.micro_batch,
                            seq_len=m.seq_len, d_model=m.d_model, d_ff=m.d_ff, vocab_size=m.vocab_size,

@@ -23,7 +23,7 @@ H100_80G = MachineProfile(
     cpu_cores=16,
     ram_gib=120.0,  # 125 GiB total, ~120 usable (MACHINE.md)
     # bounds the plan's pinned need at 90% of RAM; `lohan-jax train` then caps XLA's pool at that need + 10% + 2 GB
-    # (lohan_jax.pinned_pool), and the RAM budget counts the pool at that cap (plan_memory.pinned_pool_limit_gb)
+    # (lohan_jax.pinned_pool), and the RAM budget counts the pool at that cap (plan_memory.pinned_pool_limit_gib)
     pinned_limit_gib=112.0,
     disk_gib=60.0, disk_read_gbps=1.3, disk_write_gbps=1.6,  # TensorStore zarr3 1.3/1.75, direct I/O 1.6/1.6
     dispatch_ms=0.1,
