@@ -98,18 +98,18 @@ def cap_pinned_pool(cfg) -> float | None:
             raise PlanRefused(f"{e}\n  - or a larger cap on XLA's pinned pool: {PINNED_LIMIT_ENV}={given} is set "
                               "(unset, lohan-jax caps it at the plan's pinned need + 10% + 2 GB)") from None
         raise
-    cap_gb = pinned_pool_limit_gib(est.pinned_bytes)
+    cap_gib = pinned_pool_limit_gib(est.pinned_bytes)
     if given:
         try:
-            limit_gb = float(given)
+            limit_gib = float(given)
         except ValueError:
             raise ConfigError(f"{PINNED_LIMIT_ENV}={given!r} is not a number (of GiB, as XLA reads it)") from None
         # the engine's pinned budget (engine.memory.machine_budgets: 5% under XLA's cap), checked now
-        check_budgets(est, Budgets(None, int(limit_gb * GIB * 0.95), None))
+        check_budgets(est, Budgets(None, int(limit_gib * GIB * 0.95), None))
         log.info("XLA's pinned host pool: capped at %g GiB by %s (the plan needs %.2f GiB pinned; unset, lohan-jax "
-                 "would cap it at %d GiB)", limit_gb, PINNED_LIMIT_ENV, est.pinned_bytes / GIB, cap_gb)
-        return limit_gb
-    os.environ[PINNED_LIMIT_ENV] = str(cap_gb)
+                 "would cap it at %d GiB)", limit_gib, PINNED_LIMIT_ENV, est.pinned_bytes / GIB, cap_gib)
+        return limit_gib
+    os.environ[PINNED_LIMIT_ENV] = str(cap_gib)
     log.info("XLA's pinned host pool: capped at %d GiB (%s): the plan's pinned need, %.2f GiB, + 10%% + 2 GB",
-             cap_gb, PINNED_LIMIT_ENV, est.pinned_bytes / GIB)
-    return float(cap_gb)
+             cap_gib, PINNED_LIMIT_ENV, est.pinned_bytes / GIB)
+    return float(cap_gib)

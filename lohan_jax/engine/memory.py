@@ -131,7 +131,7 @@ def check_budgets(est: MemoryEstimate, budgets: Budgets) -> None:
                         "caps it at the plan's pinned need + 10% + 2 GB), or shrink the plan's pinned need (a "
                         "smaller batch, fewer swapped activations, more weights in HBM).")
     if budgets.host_bytes is not None and est.ram_bytes > budgets.host_bytes:
-        pool = (f" (XLA's pinned pool counted at its cap, {est.pinned_pool / GIB:.2f} GiB)"
+        pool = (f" (XLA's pinned pool counted at its cap x 1.1, {est.pinned_pool / GIB:.2f} GiB)"
                 if est.pinned_pool > est.pinned_bytes else "")
         problems.append(f"host RAM: needs {est.ram_bytes / GIB:.2f} GiB{pool}, {budgets.host_bytes / GIB:.2f} GiB "
                         "available. Fix: more RAM, optimizer state in HBM for some blocks, one micro-batch "
