@@ -309,7 +309,7 @@ def _run_child(r: Run, experiment: str, log_dir: Path, left_s: float) -> list[di
     if len(rows) >= len(r.batches):
         return rows
     if rc is None:
-        status, error = "failed", f"stopped at the study's time budget after {wall:.0f} s"
+        status, error = "skipped", f"stopped at the study's time budget after {wall:.0f} s: not measured"
     elif rc == -signal.SIGKILL:
         status, error = "oom", f"killed by SIGKILL after {wall:.0f} s: the host's OOM killer (no other sender here)"
     else:
