@@ -113,9 +113,10 @@ def main(argv=None) -> int:
         import traceback
         traceback.print_exc()
     import jax
-    row["device"] = jax.devices()[0].device_kind
+    device = jax.devices()[0]
+    row["device"] = device.device_kind
     row["allocator"] = os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default")
-    stats = jax.devices()[0].memory_stats() or {}  # None on the CPU backend
+    stats = device.memory_stats() or {}  # None on the CPU backend
     for key, name in (("bytes_limit", "hbm_limit_gib"), ("peak_bytes_in_use", "hbm_peak_gib"),
                       ("largest_free_block_bytes", "hbm_largest_free_block_gib")):
         if key in stats:

@@ -50,7 +50,7 @@ class MemoryEstimate:
     pinned: dict[str, int]
     host: dict[str, int]  # pageable host memory
     disk: dict[str, int] = dataclasses.field(default_factory=dict)
-    pinned_pool: int = 0  # RAM XLA's pinned pool may hold on the GPU (its cap x 1.1); 0: the pinned bytes (CPU)
+    pinned_pool: int = 0  # RAM XLA's pinned pool may hold on the GPU (its cap x PINNED_POOL_RSS_FACTOR); 0: CPU
 
     @property
     def hbm_bytes(self) -> int:
@@ -76,7 +76,7 @@ class MemoryEstimate:
             detail = ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items() if v)
             rows.append(f"  {tier:<14} {sum(parts.values()) / GIB:8.2f} GiB  ({detail})")
         if self.pinned_pool > self.pinned_bytes:
-            rows[1] += f"; XLA's pinned pool counted in RAM at {self.pinned_pool / GIB:.2f} GiB (its cap x 1.1)"
+            rows[1] += f"; XLA's pinned pool counted in RAM at {self.pinned_pool / GIB:.2f} GiB (its cap x {PINNED_POOL_RSS_FACTOR:g})"
         if self.hbm.get("fragmentation reserve"):
             rows.append(f"  {'':<14} fragmentation reserve: {FRAGMENTATION_RESERVE} x the block backward's working "
                         "memory, which XLA allocates as one contiguous block")

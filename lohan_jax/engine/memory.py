@@ -16,6 +16,7 @@ from pathlib import Path
 from lohan_jax.plan_memory import (  # noqa: F401 (GIB, MemoryEstimate, estimate_memory: re-exported)
     GIB,
     PINNED_LIMIT_ENV,
+    PINNED_POOL_RSS_FACTOR,
     MemoryEstimate,
     estimate_memory,
     pinned_pool_limit_gib,
@@ -131,7 +132,7 @@ def check_budgets(est: MemoryEstimate, budgets: Budgets) -> None:
                         "caps it at the plan's pinned need + 10% + 2 GB), or shrink the plan's pinned need (a "
                         "smaller batch, fewer swapped activations, more weights in HBM).")
     if budgets.host_bytes is not None and est.ram_bytes > budgets.host_bytes:
-        pool = (f" (XLA's pinned pool counted at its cap x 1.1, {est.pinned_pool / GIB:.2f} GiB)"
+        pool = (f" (XLA's pinned pool counted at its cap x {PINNED_POOL_RSS_FACTOR:g}, {est.pinned_pool / GIB:.2f} GiB)"
                 if est.pinned_pool > est.pinned_bytes else "")
         problems.append(f"host RAM: needs {est.ram_bytes / GIB:.2f} GiB{pool}, {budgets.host_bytes / GIB:.2f} GiB "
                         "available. Fix: more RAM, optimizer state in HBM for some blocks, one micro-batch "

@@ -47,6 +47,7 @@ def live_machine(offload: Any, device: Any = None) -> MachineProfile:
     XLA's pinned pool already in the environment (the user's) bounds the plan's pinned memory."""
     import os
 
+    from lohan_jax.engine.memory import pinned_limit_nbytes
     from lohan_jax.plan_memory import PINNED_LIMIT_ENV
     from lohan_jax.planner.machines import BUILTIN, machine
     from lohan_jax.planner.profile import available_ram_gib, disk_free_gib
@@ -65,7 +66,7 @@ def live_machine(offload: Any, device: Any = None) -> MachineProfile:
         m = known[0].with_(hbm_gib=(free_hbm_gib(device) if hbm is None else hbm) or known[0].hbm_gib,
                            ram_gib=available_ram_gib(), source=f"{known[0].source}; capacities read live")
         if os.environ.get(PINNED_LIMIT_ENV):
-            m = m.with_(pinned_limit_gib=float(os.environ[PINNED_LIMIT_ENV]))  # GiB, as XLA reads it
+            m = m.with_(pinned_limit_gib=pinned_limit_nbytes() / 2**30)
         m = m.with_(**(dict(disk_gib=disk_free_gib(disk_path), disk_path=disk_path) if disk_path
                        else dict(disk_gib=0.0, disk_path="")))
     else:
