@@ -3,22 +3,23 @@ backward, resume from its last checkpoint to the loss trajectory and final weigh
 killed, bit for bit? And does a model planned to within 10% of this machine's RAM train without the kernel's
 OOM killer, while one just over the budget is refused before anything is allocated?
 
-Part A (kill and resume; lohan_jax.drill with fresh processes): paper-6b, bf16, batch 8 x 1024, the state of
-`--disk-blocks` middle blocks on disk (TensorStore, hard-linked into checkpoints), the rest in host RAM.
-  1. the reference: 4 steps, no checkpoint, held-out loss at the end;
-  2. the same run killed with SIGKILL in step 3's backward (after the checkpoint of step 2, saved synchronously
-     so that the kill point is deterministic);
-  3. `lohan-jax train --resume` to the end; every logged loss and the final held-out loss (a function of every
-     final weight) must equal the reference's bit for bit.
+Part A (kill and resume; lohan_jax.drill with fresh processes): GPT-3 6.7B (6.65B), bf16, batch 8 x 1024, the
+state of `--disk-blocks` middle blocks on disk (TensorStore, hard-linked into checkpoints), the rest in host RAM.
+  1. the reference: 5 steps, no checkpoint, held-out loss at the end;
+  2. the same run killed with SIGKILL in the backward of step 3 (0-based), after the checkpoint of step 3, its
+     only one (checkpoint_every 3, checkpoint_at_end false: one generation of 80 GB on disk, not two), saved
+     synchronously so that the kill point is deterministic;
+  3. `lohan-jax train --resume` to the end (steps 3 and 4); every logged loss and the final held-out loss (a
+     function of every final weight) must equal the reference's bit for bit.
 Part B (memory safety): a GPT of d_model 4096 with as many layers as the engine's accounting fits in this
 machine's RAM budget (free RAM, cgroup-aware, minus 5%), state in host RAM (offload.plan=uniform: the planner's
 auto plan would move state into HBM and fit one layer more, as it did on 2026-11-26), 3 steps: it must finish (not
 killed) with its peak RSS under the budget; one layer more must be refused (exit 2, "host RAM: needs").
 
 Rows go to experiments/results/fault_recovery.jsonl (RESULTS.md schema: resume_identical, status, peak RSS).
-Disk: part A needs about twice the fp32 state (the new checkpoint is written before the old one goes) plus the
-disk tier: ~140 GB for paper-6b. The script checks first and records `failed` with the numbers if it does not fit
-(an H100 x1 machine has 64 GiB of disk: use --model gpt3-2.7b there, or a machine with a larger disk).
+Disk: part A needs one checkpoint of the fp32 state in RAM (12 B/param) plus the disk tier's versions: ~84 GiB
+for GPT-3 6.7B. The script checks first and records `failed` with the numbers if it does not fit (an H100 x1
+machine has 64 GiB of disk: run it on nvidia-h100-x2, 128 GiB, with CUDA_VISIBLE_DEVICES=0).
 
 usage (GPU machine, ~8 min on one H100):  PYTHONPATH=. python3 experiments/fault_gpu_run.py --work /tmp/fault
        (CPU plumbing check, ~2 min):       PYTHONPATH=. python3 experiments/fault_gpu_run.py --tiny
@@ -65,9 +66,10 @@ def part_a(args, work: Path) -> dict:
     plan = dataclasses.replace(plan, blocks=tuple(on_disk(i, b) for i, b in enumerate(plan.blocks)))
     work.mkdir(parents=True, exist_ok=True)
     plan.save(work / "plan.json")
-    steps, every = 4, 2
+    steps, every = 5, 3
     train = [f"model.name={args.model}", f"train.seq_len={args.seq}", f"train.batch_size={args.batch}",
              f"train.steps={steps}", f"train.checkpoint_every={every}", "train.keep_checkpoints=1",
+             "train.checkpoint_at_end=false",
              "train.checkpoint_async=false", "train.compute_dtype=bfloat16", "data.eval_fraction=0.05",
              "train.eval_batches=2", "optim.lr=1e-4", "optim.warmup_steps=1",
              f"offload.plan_file={work / 'plan.json'}", f"offload.disk_path={work / 'drill' / 'disk'}"]
@@ -75,7 +77,7 @@ def part_a(args, work: Path) -> dict:
         train = [t.replace("bfloat16", "float32") for t in train]
     params = spec.param_count()
     block = spec.block_param_count()
-    need = 2 * 12 * (params - k * block) + 3 * 12 * k * block  # two checkpoints + the disk tier's generations
+    need = 12 * (params - k * block) + 3 * 12 * k * block  # one checkpoint + the disk tier's generations
     free = free_disk_bytes(work)
     row = {"experiment": "fault_recovery", "system": "lohan_jax", "model": args.model, "params": params,
            "seq_len": args.seq, "batch_tokens": args.batch * args.seq, "steps": steps, "disk_blocks": k,
@@ -195,8 +197,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="/tmp/lohan_fault_run", help="scratch directory (needs the disk of part A)")
     p.add_argument("--part", choices=("A", "B", "all"), default="all")
-    p.add_argument("--model", default="paper-6b")
-    p.add_argument("--disk-blocks", type=int, default=4, help="blocks whose optimizer state lives on disk")
+    p.add_argument("--model", default="gpt3-6.7b")
+    p.add_argument("--disk-blocks", type=int, default=2, help="blocks whose optimizer state lives on disk")
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--ram-budget-gib", type=float, default=0.0, help="part B: cap the RAM budget (0: free RAM)")

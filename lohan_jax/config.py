@@ -94,8 +94,17 @@ class TrainConfig:
     run_dir: str = "runs"  # each run writes into run_dir/<model>-<timestamp>/
     checkpoint_every: int = 0  # save an orbax checkpoint every N steps and at the end (0 = never)
     keep_checkpoints: int = 3  # newest checkpoints kept
+    checkpoint_at_end: bool = True  # with checkpoint_every: also save after the last step when it is not a multiple
     checkpoint_async: bool = True  # write checkpoints behind training (False: each save blocks until committed)
     on_nonfinite: OnNonFinite = OnNonFinite.SKIP  # a step whose loss or gradient norm is NaN/inf: skip, stop, off
+
+    def checkpoint_steps(self, start: int = 0) -> list[int]:
+        """The steps after `start` whose end saves a checkpoint (every N steps, and the last one if
+        checkpoint_at_end)."""
+        if not self.checkpoint_every:
+            return []
+        return [s for s in range(start + 1, self.steps + 1)
+                if s % self.checkpoint_every == 0 or (self.checkpoint_at_end and s == self.steps)]
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "micro_batches", "seq_len", "log_every", "eval_batches"):

@@ -86,8 +86,7 @@ def _auto_plan(cfg: Config, device):
 
 def check_memory(cfg: Config, run_dir: str | Path | None = None, device=None) -> None:
     """Refuse (MemoryBudgetError, with the numbers) a plan over the machine's free HBM, RAM, pinned limit or
-    disk, including the space train.keep_checkpoints + 1 checkpoints need (the newest is written before the
-    oldest goes)."""
+    disk, including the space the run's checkpoints need (new_checkpoint_generations)."""
     import jax
 
     from lohan_jax.engine.memory import GIB as _GIB
@@ -106,17 +105,27 @@ def check_memory(cfg: Config, run_dir: str | Path | None = None, device=None) ->
     # on the GPU check_budgets counts XLA's pinned pool in RAM at its cap (lohan_jax.pinned_pool sets it)
     check_budgets(est, machine_budgets(device, o.hbm_budget_gib, o.host_budget_gib, disk_path=o.disk_path))
     t = cfg.train
-    if t.checkpoint_every:
-        ckpt_dir = Path(run_dir) if run_dir is not None else Path(t.run_dir)
+    ckpt_dir = Path(run_dir) if run_dir is not None else Path(t.run_dir)
+    gens = new_checkpoint_generations(t, ckpt_dir / "checkpoints")
+    if gens:
         linked = o.disk_path and _same_filesystem(ckpt_dir, Path(o.disk_path))  # disk state is hard-linked
         per = sum(12 * n for n, u in zip(workload_for(cfg).model.unit_params(), plan.units)
                   if not (linked and u.optim_state.value == "disk"))
-        need, free = (t.keep_checkpoints + 1) * per, free_disk_bytes(ckpt_dir)
+        need, free = gens * per, free_disk_bytes(ckpt_dir)
         if need > free:
             raise MemoryBudgetError(
-                f"the plan does not fit this machine:\n  checkpoints: {t.keep_checkpoints + 1} of "
+                f"the plan does not fit this machine:\n  checkpoints: {gens} of "
                 f"{per / _GIB:.2f} GiB need {need / _GIB:.2f} GiB in {ckpt_dir}, {free / _GIB:.2f} GiB free. Fix: "
                 "free space, fewer train.keep_checkpoints, or a run directory on a larger disk.")
+
+
+def new_checkpoint_generations(t, ckpt_dir: Path) -> int:
+    """How many checkpoints' worth of new disk this run needs at its peak: the saves it will make (after the
+    latest committed one, when resuming), but at most keep_checkpoints + 1 alive at once (the newest is written
+    before the oldest goes), less those already on disk."""
+    committed = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.is_dir() else []
+    saves = len(t.checkpoint_steps(committed[-1] if committed else 0))
+    return min(saves, max(1, t.keep_checkpoints + 1 - len(committed)))
 
 
 def cpu_estimate(est):

@@ -230,11 +230,23 @@ def _loop(cfg: Config, trainer, data, run_dir: Path, device, progress: bool, ckp
 
     with MetricsWriter(run_dir / "metrics.jsonl", stdout=False) as writer, GracefulStop() as stop:
         pending, step, saved = None, start, start
+        save_after = set(t.checkpoint_steps(start))
         dispatched = {start - 1: time.perf_counter()}  # step -> when its dispatch returned
+
+        def flush(done: int, metrics: dict) -> None:
+            # dispatch to dispatch: each step() returns once the engine can take the next one
+            step_s = dispatched[done] - dispatched[done - 1]
+            if done > start:  # the first step includes compilation
+                step_times.append(step_s)
+            report(done, metrics, writer, step_s)
+
         while True:
             try:
                 out = None
                 if stop.requested and saved != step:  # stopping: checkpoint every step dispatched so far
+                    if pending is not None:  # its row first, as below
+                        flush(*pending)
+                        pending = None
                     ckpt = ckpt or _checkpointer(cfg, run_dir)
                     ckpt.save(step, trainer, cfg)
                     saved = step
@@ -248,18 +260,16 @@ def _loop(cfg: Config, trainer, data, run_dir: Path, device, progress: bool, ckp
                     out = trainer.step(step_batch(data, step, t.micro_batches))
                     dispatched[step] = time.perf_counter()
                     checks[step] = out.get("nonfinite")
-                    if t.checkpoint_every and ((step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps):
-                        ckpt.save(step + 1, trainer, cfg)  # batches resume from step + 1
-                        saved = step + 1
                     if traced:
                         _write_timeline(trainer, out, run_dir, step)
                 if pending is not None:  # read step-1's metrics only after step's work is dispatched
-                    # dispatch to dispatch: each step() returns once the engine can take the next one
-                    step_s = dispatched[pending[0]] - dispatched[pending[0] - 1]
-                    if pending[0] > start:  # the first step includes compilation
-                        step_times.append(step_s)
-                    report(*pending, writer, step_s)
+                    flush(*pending)
                 pending = (step, out) if out is not None else None
+                if out is not None and step + 1 in save_after:  # its row first: a kill after the checkpoint's
+                    flush(*pending)  # commit must not lose it (the save waits for the step's updates anyway)
+                    pending = None
+                    ckpt.save(step + 1, trainer, cfg)  # batches resume from step + 1
+                    saved = step + 1
                 if out is None and (saved == step or not stop.requested):
                     break
                 step += 1 if out is not None else 0

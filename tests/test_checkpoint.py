@@ -1,4 +1,6 @@
 """A run stopped after k steps and resumed from its checkpoint continues bit-identically."""
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,6 +93,36 @@ def test_cli_resume_continues_the_run_exactly(tmp_path):
     a, b = losses("a"), losses("b")
     assert a == b and sorted(a) == [0, 1, 2, 3]
     assert sorted(int(p.name) for p in (tmp_path / "b" / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+
+
+def test_a_kill_right_after_a_checkpoint_loses_no_metrics_row(tmp_path):
+    """The row of the step a checkpoint follows is written before the checkpoint commits: a resumed run starts
+    after that step and would never log it again."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    argv = [sys.executable, "-m", "lohan_jax", "train", "--no-progress", "--run-dir", str(tmp_path / "r")]
+    for s in ("model.name=gpt-tiny", "model.n_layers=2", "train.steps=4", "train.seq_len=32", "train.batch_size=4",
+              "train.checkpoint_every=2", "train.checkpoint_async=false", "data.eval_fraction=0"):
+        argv += ["--set", s]
+    env = {**os.environ, "PYTHONPATH": str(root), "LOHAN_JAX_FAULT": "backward@5:kill"}  # step 2's backward
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "r" / "checkpoints").iterdir() if p.name.isdigit()] == ["2"]
+    rows = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
+    assert sorted(r["step"] for r in rows if "train/loss" in r) == [0, 1]
+
+
+def test_checkpoint_at_end_false_saves_only_the_multiples(tmp_path):
+    from lohan_jax.cli import main
+
+    assert main(["train", "--set", "model.name=gpt-tiny", "--set", "train.steps=3", "--set", "train.seq_len=32",
+                 "--set", "train.batch_size=4", "--set", "train.checkpoint_every=2", "--set",
+                 "train.checkpoint_at_end=false", "--no-progress", "--run-dir", str(tmp_path / "r")]) == 0
+    assert [p.name for p in (tmp_path / "r" / "checkpoints").iterdir() if p.name.isdigit()] == ["2"]
 
 
 def test_a_save_captures_its_step_boundary_while_training_goes_on(tmp_path):

@@ -82,5 +82,23 @@ def test_hbm_budget_and_disk_are_checked_too(tmp_path, monkeypatch, capsys):
     err = _refused(["--set", "offload.optim_state=disk", "--set", f"offload.disk_path={tmp_path / 'disk'}"], capsys,
                    tmp_path)
     assert f"disk at {tmp_path / 'disk'}: needs" in err
-    err = _refused(["--set", "train.checkpoint_every=1"], capsys, tmp_path)
-    assert "checkpoints: 4 of" in err and "train.keep_checkpoints" in err
+    err = _refused(["--set", "train.checkpoint_every=1", "--set", "train.steps=8"], capsys, tmp_path)
+    assert "checkpoints: 4 of" in err and "train.keep_checkpoints" in err  # keep 3, and the 4th written first
+
+
+@pytest.mark.parametrize("steps,every,at_end,keep,committed,gens", [
+    (8, 1, True, 3, [], 4),  # eight saves, four alive at the peak
+    (1, 1, True, 3, [], 1),  # one save
+    (5, 2, True, 1, [], 2),  # saves 2, 4, 5: the newest beside the one kept
+    (3, 2, False, 1, [], 1),  # saves 2 only: a disk for one generation suffices
+    (5, 2, True, 1, [2], 1),  # resumed: saves 4, 5 beside the one on disk, one at a time
+    (5, 2, True, 3, [2], 2),  # resumed with room for three: 4 and 5 both stay
+    (3, 2, False, 1, [2], 0),  # resumed after the last save: nothing new
+], ids=["eight", "one", "end-too", "not-at-end", "resumed-keep1", "resumed-keep3", "resumed-none"])
+def test_checkpoint_disk_counts_the_saves_this_run_makes(steps, every, at_end, keep, committed, gens, tmp_path):
+    from lohan_jax.config import TrainConfig
+    from lohan_jax.preflight import new_checkpoint_generations
+    for step in committed:
+        (tmp_path / str(step)).mkdir()
+    t = TrainConfig(steps=steps, checkpoint_every=every, checkpoint_at_end=at_end, keep_checkpoints=keep)
+    assert new_checkpoint_generations(t, tmp_path) == gens
