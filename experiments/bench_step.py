@@ -49,7 +49,8 @@ def parse_args(argv=None):
                    help="AdamW learning rate (constant); a large model's first steps on random tokens overshoot at 1e-4")
     p.add_argument("--pinned-limit-gb", type=float, default=0.0,
                    help="cap XLA's pinned host pool (XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB) at this many GiB (XLA reads it so); the "
-                        "studies pass the plan's pinned need plus a margin (0: the environment's, else 120)")
+                        "studies pass the plan's pinned need plus a margin (0: the environment's, else that of this run's plan "
+                        "for lohan_jax, 120 for the others)")
     p.add_argument("--disk-io-order", choices=["reordered", "naive"], default=None,
                    help="disk state reads issued ahead of the updates (reordered) or only as each update starts, "
                         "behind the previous write (naive: the paper's naive order); default: the plan's")
@@ -88,15 +89,18 @@ def main(argv=None) -> int:
     if args.pinned_limit_gb:  # before jax starts its GPU client: XLA's pinned pool grows by doubling regions up
         # to this cap and never shrinks, so a cap far above the plan's need lets it take up to twice the need
         os.environ["XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"] = f"{args.pinned_limit_gb:g}"
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    if args.system == "lohan_jax" and "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB" not in os.environ:
+        os.environ["XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"] = f"{plan_pinned_cap_gib(args):g}"  # from the plan
     os.environ.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", "120")
     if args.allocator:
         os.environ["XLA_PYTHON_CLIENT_ALLOCATOR"] = args.allocator
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from lohan_jax.metrics import append_result
 
     row = {"experiment": args.experiment, "system": args.system, "model": args.model, "seq_len": args.seq,
            "batch_tokens": args.batch * args.seq, "gpu_budget_gib": args.gpu_budget_gib or total, "n_gpus": 1,
-           "steps": args.steps, "lr": args.lr, "command": " ".join(["python", *sys.argv])}
+           "steps": args.steps, "lr": args.lr, "command": " ".join(["python", *sys.argv]),
+           "pinned_limit_gib": float(os.environ["XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"])}
     from lohan_jax.memtrace import MemTrace
     trace = MemTrace(args.mem_trace) if args.mem_trace else None
     try:
@@ -226,16 +230,11 @@ def run(args, trace=None) -> dict:
     return out
 
 
-def make_engine(args, model, spec, optim, b, trace=None):
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from lohan_jax.engine import OffloadEngine
-    from lohan_jax.optim import host_adamw
-    from lohan_jax.plan import Plan, Tier, UnitPlan, UpdateOn, uniform_plan
-    from lohan_jax.timeline import Timeline
+def build_plan(args, spec):
+    """The plan the flags describe (a saved plan, or a uniform one with the hand-plan flags applied); no jax."""
     import dataclasses
+
+    from lohan_jax.plan import Plan, Tier, UpdateOn, uniform_plan
 
     plan = Plan.load(args.plan_file) if args.plan_file else uniform_plan(
         spec.n_layers, weights=args.weights, optim_state=args.optim_state, activations=args.activations,
@@ -254,6 +253,33 @@ def make_engine(args, model, spec, optim, b, trace=None):
         swapped = [dataclasses.replace(u, activations=dataclasses.replace(u.activations, swap_input=i < args.swap_input_blocks))
                    for i, u in enumerate(plan.blocks)]
         plan = dataclasses.replace(plan, blocks=tuple(swapped))
+    return plan
+
+
+def plan_pinned_cap_gib(args) -> float:
+    """XLA's pinned-pool cap for the plan's pinned need (+ the margin), as `lohan-jax train` sets it: a cap far
+    above the need lets the pool grow to ~2x it (plan_memory.pinned_pool_limit_gib), which the RAM check counts."""
+    from lohan_jax.config import load_config
+    from lohan_jax.models import get_spec
+    from lohan_jax.plan_memory import pinned_pool_limit_gib
+    from lohan_jax.planner.capacity import memory
+    from lohan_jax.planner.cli import workload_for
+
+    cfg = load_config(None, [f"model.name={args.model}", f"train.seq_len={args.seq}", f"train.batch_size={args.batch}",
+                             f"train.micro_batches={args.micro}", f"optim.clip_norm={args.clip_norm}"])
+    return pinned_pool_limit_gib(memory(build_plan(args, get_spec(args.model)), workload_for(cfg)).pinned_bytes)
+
+
+def make_engine(args, model, spec, optim, b, trace=None):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from lohan_jax.engine import OffloadEngine
+    from lohan_jax.optim import host_adamw
+    from lohan_jax.timeline import Timeline
+
+    plan = build_plan(args, spec)
     if args.host_threads:
         host_adamw.set_num_threads(args.host_threads)
     host_adamw.warmup()

@@ -11,6 +11,9 @@ state of `--disk-blocks` middle blocks on disk (TensorStore, hard-linked into ch
      synchronously so that the kill point is deterministic;
   3. `lohan-jax train --resume` to the end (steps 3 and 4); every logged loss and the final held-out loss (a
      function of every final weight) must equal the reference's bit for bit.
+  All three with train.deterministic=true (XLA's deterministic GPU ops): without them two processes differ in the
+  last bits from step 2 on, kill or no kill (measured 2026-11-26: lohan_jax.determinism). That run set
+  XLA_FLAGS=--xla_gpu_deterministic_ops=true in the environment, which is what train.deterministic does.
 Part B (memory safety): a GPT of d_model 4096 with as many layers as the engine's accounting fits in this
 machine's RAM budget (free RAM, cgroup-aware, minus 5%), state in host RAM (offload.plan=uniform: the planner's
 auto plan would move state into HBM and fit one layer more, as it did on 2026-11-26), 3 steps: it must finish (not
@@ -69,7 +72,7 @@ def part_a(args, work: Path) -> dict:
     steps, every = 5, 3
     train = [f"model.name={args.model}", f"train.seq_len={args.seq}", f"train.batch_size={args.batch}",
              f"train.steps={steps}", f"train.checkpoint_every={every}", "train.keep_checkpoints=1",
-             "train.checkpoint_at_end=false",
+             "train.checkpoint_at_end=false", "train.deterministic=true",
              "train.checkpoint_async=false", "train.compute_dtype=bfloat16", "data.eval_fraction=0.05",
              "train.eval_batches=2", "optim.lr=1e-4", "optim.warmup_steps=1",
              f"offload.plan_file={work / 'plan.json'}", f"offload.disk_path={work / 'drill' / 'disk'}"]
@@ -130,6 +133,7 @@ def part_b(args, work: Path) -> dict:
 
     d, heads, vocab = (256, 4, 257) if args.tiny else (4096, 32, 50257)
     base = [f"train.seq_len={args.seq}", f"train.batch_size={args.batch}", "train.steps=3", "data.eval_fraction=0",
+            "optim.lr=1e-4",
             "offload.plan=uniform",  # state in host RAM, the plan both this process and the run account for
             "train.compute_dtype=" + ("float32" if args.tiny else "bfloat16")]
     if args.ram_budget_gib:

@@ -43,6 +43,10 @@ def build_runs(args, plan_dir: Path, log_dir: Path) -> list[sr.Run]:
         return run
 
     host_only = ("--activations", "recompute", "--swap-input-blocks", "0")  # every block's state on the host
+    if not args.labels or any(x in "act:planned" for x in args.labels.split(",") if x):
+        # plan from block times measured on this GPU: with the analytic profile (one 613 TFLOP/s rate) the plan of
+        # 2026-11-26 predicted 0.60 s for itself and 0.73 for all-recompute, and ran 0.72 against 0.68
+        sr.measure_model_profiles((ACT_MODEL,), log_dir, dry_run=args.dry_run)
     planned = sr.lohan_run(ACT_MODEL, ACT_BATCH, CAP_GIB, steps=args.steps, plan_dir=plan_dir,
                            label="ablation act:planned")
     planned.extra["variant"] = "act:planned"

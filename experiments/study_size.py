@@ -29,8 +29,17 @@ CAP_GIB = 24.0
 LOHAN_BATCH, BASELINE_BATCH = 64, 8
 
 
+# planned from per-block times measured on this GPU first (`lohan-jax profile`, ~45 s each): the analytic profile's
+# one block rate (measured on 6B shapes) predicted 1.3B 37-41% short and 2.7B (head dim 80) 2.41 s for 4.04 measured
+PROFILED = ("gpt3-1.3b", "gpt3-2.7b")
+
+
 def build_runs(args, plan_dir: Path, log_dir: Path) -> list[sr.Run]:
     steps = args.steps
+    if not args.only or "lohan_jax" in args.only.split(","):  # only the models this call runs
+        parts = [x for x in args.labels.split(",") if x]
+        sr.measure_model_profiles([m for m in PROFILED if not parts or any(x in m for x in parts)], log_dir,
+                                  dry_run=args.dry_run)
     lohan = lambda model, cap=CAP_GIB, **kw: sr.lohan_run(model, LOHAN_BATCH, cap, steps=steps, plan_dir=plan_dir, **kw)
     zero3 = lambda model, batches, first: sr.deepspeed_run("deepspeed_zero3_cpu", model, batches, CAP_GIB, steps=steps,
                                                            log_dir=log_dir, first_build=first)

@@ -22,9 +22,11 @@ def _train(args: argparse.Namespace) -> int:
         cfg, run_dir, resume = load_config(saved, args.set), args.resume, True
     else:
         cfg, run_dir, resume = load_config(args.config, args.set), args.run_dir, False
+    from lohan_jax import determinism
     from lohan_jax.pinned_pool import cap_pinned_pool
     from lohan_jax.preflight import check_paths
     check_paths(cfg, run_dir, resume)  # a bad plan file is a one-line error before the plan is resolved
+    determinism.enable(cfg)  # before jax starts, as the pinned cap below
     if cap_pinned_pool(cfg) is None:  # no plan to cap XLA's pinned pool from (the CPU, the reference engine, ...)
         _raise_pinned_host_limit()
     from lohan_jax.train import run_training

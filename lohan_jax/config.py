@@ -96,6 +96,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # newest checkpoints kept
     checkpoint_at_end: bool = True  # with checkpoint_every: also save after the last step when it is not a multiple
     checkpoint_async: bool = True  # write checkpoints behind training (False: each save blocks until committed)
+    deterministic: bool = False  # XLA's deterministic GPU ops: bit-identical reruns and resumes (lohan_jax.determinism)
     on_nonfinite: OnNonFinite = OnNonFinite.SKIP  # a step whose loss or gradient norm is NaN/inf: skip, stop, off
 
     def checkpoint_steps(self, start: int = 0) -> list[int]:

@@ -61,7 +61,7 @@ def gpu_facts() -> GpuFacts | None:
     return GpuFacts(name, min(total * fraction, free))
 
 
-def _jax_started() -> bool:
+def jax_started() -> bool:
     """Whether jax's backends are up already (then XLA has read its pinned cap and setting it does nothing)."""
     if "jax" not in sys.modules:
         return False
@@ -79,7 +79,7 @@ def cap_pinned_pool(cfg) -> float | None:
     the CPU, no nvidia-smi, the reference or data-parallel engine, or jax already started."""
     from lohan_jax.config import ConfigError, EngineKind
 
-    if cfg.train.engine is not EngineKind.OFFLOAD or cfg.offload.devices > 1 or _jax_started():
+    if cfg.train.engine is not EngineKind.OFFLOAD or cfg.offload.devices > 1 or jax_started():
         return None
     gpu = gpu_facts()
     if gpu is None:

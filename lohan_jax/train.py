@@ -37,7 +37,7 @@ class TrainResult:
     losses: list[float]
     eval_loss: float | None
     tokens_per_s: float
-    params: Any = None  # final fp32 master weights (host or device arrays)
+    params: Any = None  # final fp32 master weights (host or device arrays), with run_training(keep_params=True)
     interrupted: str = ""  # the signal that stopped the run early ("" when it ran to the end)
     exit_status: int = 0  # 128 + the signal's number when interrupted (the CLI's exit status)
     skipped_steps: list[int] = dataclasses.field(default_factory=list)  # non-finite steps whose update was skipped
@@ -73,11 +73,15 @@ def make_trainer(cfg: Config, model, params32, compute_dtype):
     return engine.from_config(cfg, model, params32, compute_dtype, timeline=Timeline(enabled=False))
 
 
-def run_training(cfg: Config, run_dir: Path | None = None, progress: bool = True, resume: bool = False) -> TrainResult:
+def run_training(cfg: Config, run_dir: Path | None = None, progress: bool = True, resume: bool = False,
+                 keep_params: bool = False) -> TrainResult:
     """Train as `cfg` says. With resume=True, `run_dir` is an earlier run: its latest checkpoint is loaded and
-    training continues from that step, appending to the same metrics file."""
-    from lohan_jax import preflight
+    training continues from that step, appending to the same metrics file. keep_params=True returns the final
+    fp32 master weights in the result: a full copy in RAM, which a model near the size of RAM does not survive
+    (the CLI never asks for it)."""
+    from lohan_jax import determinism, preflight
 
+    determinism.enable(cfg)  # a no-op when `lohan-jax train` has set it already
     t = cfg.train
     compute_dtype = resolve_compute_dtype(t.compute_dtype)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, compute_dtype=jnp.dtype(compute_dtype).name))
@@ -142,7 +146,10 @@ def run_training(cfg: Config, run_dir: Path | None = None, progress: bool = True
         if resume:
             start = ckpt.restore(trainer)
             log.info("resumed from step %d of %s", start, run_dir)
-        return _loop(cfg, trainer, data, run_dir, device, progress, ckpt, start)
+        result = _loop(cfg, trainer, data, run_dir, device, progress, ckpt, start)
+        if keep_params and not result.interrupted:
+            result.params = trainer.master_params()
+        return result
     finally:
         try:
             if ckpt is not None:
@@ -318,8 +325,7 @@ def _loop(cfg: Config, trainer, data, run_dir: Path, device, progress: bool, ckp
     if cfg.hf.export_dir:  # [hf] unit by unit from the trainer's master weights
         from lohan_jax.hf.training import export_trained
         export_trained(cfg, trainer)
-    params = trainer.master_params()
-    return TrainResult(run_dir, loss_list, eval_loss, summary["perf/tokens_per_s"], params, skipped_steps=skipped)
+    return TrainResult(run_dir, loss_list, eval_loss, summary["perf/tokens_per_s"], skipped_steps=skipped)
 
 
 def _checkpointer(cfg: Config, run_dir: Path):

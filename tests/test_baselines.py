@@ -197,6 +197,8 @@ def test_ablation_dry_run_prints_every_command(sr, tmp_path, capsys):
     assert not (tmp_path / "a.jsonl").exists()
     bench_step = _load("experiments/bench_step.py", "bench_step")
     commands = [shlex.split(line) for line in text.splitlines() if line.startswith("  ")]
+    assert commands[0][1:4] == ["-m", "lohan_jax", "profile"]  # the planned variant's model, measured first
+    commands = commands[1:]
     assert len(commands) == 8 and all(argv[1] == sr.BENCH for argv in commands)
     for argv in commands:  # every flag the study passes exists in bench_step
         bench_step.parse_args(argv[2:])

@@ -149,7 +149,8 @@ def _poison_block1_at(step):
 
 def _run(tmp_path, name, *extra):
     from lohan_jax.train import run_training
-    return run_training(load_config(None, OVERRIDES + list(extra)), run_dir=tmp_path / name, progress=False)
+    return run_training(load_config(None, OVERRIDES + list(extra)), run_dir=tmp_path / name, progress=False,
+                        keep_params=True)
 
 
 def test_torn_step_is_replayed_from_the_checkpoint_and_skipped(tmp_path, monkeypatch):

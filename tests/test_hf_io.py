@@ -184,7 +184,7 @@ def test_fine_tune_export_parity(tmp_path):
                              "train.steps=3", "train.seq_len=16", "train.batch_size=4", "train.engine=offload",
                              "optim.lr=1e-2", f"data.source=synthetic:{VOCAB}"])
     assert cfg.model.vocab_size == VOCAB and cfg.hf.export_dtype == "auto"
-    result = run_training(cfg, run_dir=tmp_path / "run", progress=False)
+    result = run_training(cfg, run_dir=tmp_path / "run", progress=False, keep_params=True)
     assert (tmp_path / "export" / "config.json").is_file()
     initial = params_from_hf(cfg.model, state)
     changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), result.params, initial)
@@ -201,7 +201,7 @@ def test_reference_engine_imports_whole_tree(tmp_path):
     cfg = load_config(None, [f"hf.checkpoint={tmp_path / 'ckpt'}", "train.steps=1", "train.seq_len=16",
                              "train.batch_size=2", "train.engine=reference", f"data.source=synthetic:{VOCAB}",
                              "optim.lr=1e-9", "optim.weight_decay=0"])
-    result = run_training(cfg, run_dir=tmp_path / "run", progress=False)
+    result = run_training(cfg, run_dir=tmp_path / "run", progress=False, keep_params=True)
     with HFCheckpoint(tmp_path / "ckpt") as ckpt:
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), result.params, ckpt.params())
 

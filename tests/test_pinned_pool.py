@@ -41,7 +41,7 @@ def fake_gpu(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     asked = []
     monkeypatch.setattr(pinned_pool, "query_nvidia_smi", lambda gpu: asked.append(gpu) or H100_SMI)
-    monkeypatch.setattr(pinned_pool, "_jax_started", lambda: False)
+    monkeypatch.setattr(pinned_pool, "jax_started", lambda: False)
     monkeypatch.setattr("lohan_jax.planner.profile.available_ram_gib", lambda: 120.0)
     monkeypatch.setattr(preflight, "_AUTO", {})
     return asked
