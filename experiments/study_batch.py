@@ -7,7 +7,8 @@ Default set, in priority order, within one GPU-machine call (~9 min on the H100)
 64 and 8; ZeRO-Offload 6B at 24 GiB swept over 8/16 in one process (the paper's ZeRO-Offload ran out of memory
 at 32 on its 24 GB card); the 13B verdicts: the planner's for lohan_jax (refused at 24 GiB; planned with the disk
 tier on the whole card, ~1 min/step, not run), the baselines' host-RAM prechecks; lohan_jax 6B at 32, then 16,
-as far as the time budget goes. A second call, `--only lohan_jax`, fills in the lohan_jax points the first one
+as far as the time budget goes. Each system's first 6B configuration also writes one step's timeline (PNG,
+trace) to timelines/ beside --out. A second call, `--only lohan_jax`, fills in the lohan_jax points the first one
 skipped. --full adds the block-only peak, ZeRO-Offload at 32/64, the whole card, ZeRO-3 and jax_native_offload
 at 6B and the 13B run itself (~35 min: split it with --only and --budget-s).
 
@@ -53,7 +54,7 @@ def build_runs(args, plan_dir: Path, log_dir: Path) -> list[sr.Run]:
                  ds("deepspeed_zero_offload", "paper-6b", (8, 16, 32, 64), 0.0, first_build=False),
                  sr.native_run("paper-6b", 8, CAP_GIB, steps=args.steps),
                  sr.native_run("paper-6b", 8, 0.0, steps=args.steps)]
-    return runs
+    return sr.with_timelines(runs, "paper-6b", Path(args.out).parent / "timelines")  # beside the rows
 
 
 COLORS = {"lohan_jax": "tab:blue", "deepspeed_zero_offload": "tab:orange", "deepspeed_zero3_cpu": "tab:red",

@@ -240,6 +240,21 @@ def deepspeed_run(system: str, model: str, batches: tuple[int, ...], cap_gib: fl
                10 if refused else 30 + (75 if first_build else 0) + 10 * p + steps * step)
 
 
+TIMELINE_S = 15.0  # per batch (a guess): a baseline's one more step, traced; the trace's conversion and PNG
+
+
+def with_timelines(runs: list[Run], model: str, out_dir: Path) -> list[Run]:
+    """--timeline out_dir on each system's first configuration of `model` (priority order): one step's timeline
+    per system, side by side (issue 6). out_dir is the children's (their cwd is the repository)."""
+    traced = set()
+    for r in runs:
+        if r.model == model and r.argv and not r.skip and r.system not in traced:
+            traced.add(r.system)
+            r.argv = [*r.argv, "--timeline", str(out_dir)]
+            r.est_s += TIMELINE_S * len(r.batches)
+    return runs
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
 
@@ -361,7 +376,8 @@ def study_main(argv, *, experiment: str, doc: str, build_runs, plot, budget_s: f
     p.add_argument("--only", default="", help="comma-separated systems to run (e.g. lohan_jax,deepspeed_zero_offload)")
     p.add_argument("--labels", default="", help="comma-separated substrings: run only the configurations whose "
                    "label contains one (e.g. 'b32,gpt3-1.3b'); --dry-run lists the labels")
-    p.add_argument("--steps", type=int, default=3, help="optimizer steps per run; the first is the warm-up")
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps per run; the first is the warm-up "
+                   "(bench_step times the rest, drained: the more steps, the less pipeline fill and drain in the mean)")
     p.add_argument("--budget-s", type=float, default=budget_s,
                    help="wall seconds for the whole study (planning included); runs whose estimate does not fit "
                         "what is left are skipped, a child still running at the end is stopped")

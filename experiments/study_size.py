@@ -7,7 +7,8 @@ Best batch: lohan_jax 64 x 1024 (its throughput grows with the batch: study_batc
 one process (its best is kept); jax_native_offload and the reference 8 (they hold fp32 state on the device during
 the step). Default set, in priority order, within one GPU-machine call (~9 min on the H100): lohan_jax 1.3B, 2.7B,
 6B; 13B as the planner's verdict and the baselines' host-RAM prechecks; then the baselines from the smallest model
-up (1.3B: ZeRO-3, jax_native_offload, reference; 2.7B; ZeRO-3 6B), as far as the time budget goes. --run-13b
+up (1.3B: ZeRO-3, jax_native_offload, reference; 2.7B; ZeRO-3 6B), as far as the time budget goes. Each system's
+1.3B configuration also writes one step's timeline (PNG, trace) to timelines/ beside --out. --run-13b
 adds the 13B run itself (whole card, batch 8, the planner's plan with optimizer state partly on disk;
 ~6-9 min alone, so give it its own call: --only lohan_jax --run-13b).
 
@@ -60,7 +61,7 @@ def build_runs(args, plan_dir: Path, log_dir: Path) -> list[sr.Run]:
              native("gpt3-2.7b"), zero3("gpt3-2.7b", (8, 16, 32), False),
              sr.reference_run("gpt3-2.7b", BASELINE_BATCH, steps=max(steps, 4)),
              zero3("paper-6b", (8, 16), False)]  # ~100 GiB of host RAM: may be killed (a result too)
-    return runs
+    return sr.with_timelines(runs, "gpt3-1.3b", Path(args.out).parent / "timelines")  # beside the rows
 
 
 COLORS = {"lohan_jax": "tab:blue", "deepspeed_zero_offload": "tab:orange", "deepspeed_zero3_cpu": "tab:red",

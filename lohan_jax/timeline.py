@@ -1,21 +1,26 @@
 """The step timeline: timed events per lane (gpu, h2d, d2h, cpu_optim, disk, host), exported as a Chrome /
-Perfetto trace, a Gantt chart, and a summary of busy and overlapped time.
+Perfetto trace, a Gantt chart, and a summary of busy and overlapped time; the same lanes (and host_compute: XLA's
+ops on the CPU backend) read from the traces torch.profiler and jax.profiler write, for the baselines' steps.
 
 Pure Python (+ matplotlib, imported only by `plot`); never imports jax.
 """
 
 from __future__ import annotations
 
+import bisect
+import gzip
 import json
+import math
 import os
 import re
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple, Self
 
 # Lanes in display order; lanes not listed follow in order of first appearance.
-LANE_ORDER = ("gpu", "h2d", "d2h", "cpu_optim", "disk", "host")
+LANE_ORDER = ("gpu", "host_compute", "h2d", "d2h", "cpu_optim", "disk", "host")
 
 # Bar colours by event-name prefix (the text before the first non-alphanumeric character, lower-cased).
 PREFIX_COLORS = {
@@ -254,6 +259,8 @@ class Timeline:
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
         total_ms = (max(e.end_ns for e in events) - t0) / 1e6 if events else 1.0
+        # one broken_barh per (sub-row, colour): a profiler's step has ~10^4 kernels, one call each took 2 min
+        bars: dict[tuple[float, float, str], list[tuple[float, float]]] = {}
         for row, lane in enumerate(lanes):
             y_top = len(lanes) - 1 - row  # first lane on top
             subrows = _assign_subrows([e for e in events if e.lane == lane])
@@ -262,11 +269,13 @@ class Timeline:
             for e, sub in subrows:
                 start_ms, dur_ms = (e.start_ns - t0) / 1e6, e.dur_ns / 1e6
                 y = y_top - 0.4 + sub * height
-                ax.broken_barh([(start_ms, max(dur_ms, total_ms * 1e-4))], (y, height * 0.92),
-                               facecolors=color(name_prefix(e.name)), edgecolor="black", linewidth=0.2)
+                bars.setdefault((y, height * 0.92, color(name_prefix(e.name))), []).append(
+                    (start_ms, max(dur_ms, total_ms * 1e-4)))
                 if dur_ms > 0.04 * total_ms and n_sub == 1:  # label only bars wide enough to hold text
                     ax.text(start_ms + dur_ms / 2, y + height * 0.46, e.name, ha="center", va="center",
                             fontsize=6, clip_on=True)
+        for (y, height, facecolor), xranges in bars.items():
+            ax.broken_barh(xranges, (y, height), facecolors=facecolor, edgecolor="black", linewidth=0.2)
         ax.set_yticks(range(len(lanes)), labels=list(reversed(lanes)))
         ax.set_ylim(-0.6, max(len(lanes), 1) - 0.4)
         ax.set_xlim(0, total_ms * 1.01)
@@ -279,6 +288,135 @@ class Timeline:
                       bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
         fig.tight_layout()
         fig.savefig(os.fspath(path_png))
+
+
+# ------------------------------------------------------------------------ traces written by other profilers
+
+STEP_MARKER = "lohan_jax_traced_step"  # wraps a runner's traced step: the `window` below (no ":" or "/", which
+# jax.profiler reads as a TensorFlow op "name:type" and shortens)
+DEVICE_LANES = ("gpu", "h2d", "d2h")
+# event-name prefix per lane: picks the bar colour (PREFIX_COLORS) and keeps the legend to one entry per lane
+_LABELS = {"gpu": "kernel", "h2d": "h2d", "d2h": "d2h", "cpu_optim": "update", "host_compute": "xla"}
+_MAX_NAME = 100  # characters of a kernel's name kept (C++ template names run to thousands)
+
+
+def timeline_from_trace(path: str | os.PathLike, *, window: str | None = None) -> Timeline:
+    """Our lanes from a Chrome / Perfetto trace-event JSON (plain or .gz) written by another profiler, so that a
+    baseline's step reads like ours: torch.profiler's `export_chrome_trace`, jax.profiler's perfetto_trace.json.gz.
+
+    Complete ("X") events are classified from the trace's own metadata (pid/tid named by the "M" process_name /
+    thread_name events, torch's `cat`, the names the CUDA tracers give copies):
+      gpu           torch: cat "kernel". jax: events on a "Stream #N(...)" thread of a "/device:GPU:N" process,
+                    copies and memsets excepted
+      h2d, d2h      torch: cat "gpu_memcpy", "Memcpy HtoD (Pinned -> Device)" / "Memcpy DtoH (...)". jax: the
+                    stream events "MemcpyH2D" / "MemcpyD2H"
+      cpu_optim     torch: a user_annotation "Optimizer.step#<class>.step" (every torch optimizer's step) whose
+                    thread launched no GPU kernel meanwhile: DeepSpeed's CPU Adam, torch's optimizers on CPU tensors
+      host_compute  jax: XLA ops run by host threads (an "hlo_op" arg), only in a trace without device lanes: on
+                    the CPU backend they are the compute, beside a GPU they would be launches
+    Everything else (device-to-device copies, memsets, ops that launch GPU work, Python frames) is dropped.
+    window: the name of the event(s) marking the step (STEP_MARKER); events are clipped to their span, which is
+    also recorded as the host lane's "step" event (the step's wall time).
+    """
+    opener = gzip.open if os.fspath(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        data = json.load(f)
+    raw = data["traceEvents"] if isinstance(data, dict) else data
+    names: dict[tuple, str] = {}  # (pid,) -> process name, (pid, tid) -> thread name
+    for e in raw:
+        if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name"):
+            key = (e.get("pid"),) if e["name"] == "process_name" else (e.get("pid"), e.get("tid"))
+            names[key] = str((e.get("args") or {}).get("name", ""))
+    complete = [e for e in raw if e.get("ph") == "X" and "ts" in e]
+    lo_us, hi_us = _window_us(complete, window, path) if window else (-math.inf, math.inf)
+    launches: dict[tuple, list[float]] = {}  # (pid, tid) -> start times of its GPU kernel launches
+    for e in complete:
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "Launch" in str(e.get("name")):
+            launches.setdefault((e.get("pid"), e.get("tid")), []).append(e["ts"])
+    for times in launches.values():
+        times.sort()
+    picked = []
+    for e in complete:
+        pid, tid = e.get("pid"), e.get("tid")
+        lane = _trace_lane(e, names.get((pid,), ""), names.get((pid, tid), ""), launches.get((pid, tid), []))
+        start, end = max(e["ts"], lo_us), min(e["ts"] + e.get("dur", 0), hi_us)
+        if lane and end > start:
+            picked.append((lane, e, start, end))
+    if any(lane in DEVICE_LANES for lane, *_ in picked):
+        picked = [p for p in picked if p[0] != "host_compute"]
+    if not picked:
+        raise ValueError(
+            f"{os.fspath(path)}: nothing recognisable{f' within {window!r}' if window else ''}: looked for GPU kernels "
+            "(torch cat 'kernel'; jax '/device:GPU' 'Stream #' threads), host<->device copies ('Memcpy HtoD'/'DtoH', "
+            "'MemcpyH2D'/'D2H'), host optimizer steps ('Optimizer.step#...' launching no kernel) and XLA host ops "
+            "('hlo_op' on a '/host:' process)")
+    timeline = Timeline()
+    if window:
+        timeline.add("host", "step", lo_us / 1e6, hi_us / 1e6)
+    for lane, e, start, end in picked:
+        nbytes = (e.get("args") or {}).get("bytes")  # torch's copies carry their size
+        timeline.add(lane, f"{_LABELS[lane]}:{str(e.get('name'))[:_MAX_NAME]}", start / 1e6, end / 1e6,
+                     **({"bytes": nbytes} if isinstance(nbytes, int | float) else {}))
+    return timeline
+
+
+def _trace_lane(e: dict, process: str, thread: str, launches_us: list[float]) -> str | None:
+    name, cat = str(e.get("name", "")), e.get("cat")
+    if cat == "kernel":
+        return "gpu"
+    if cat == "gpu_memcpy":
+        return _copy_lane(name)
+    if process.startswith("/device:GPU") and thread.startswith("Stream #"):
+        return _copy_lane(name) if name.startswith(("Memcpy", "Memset")) else "gpu"
+    if cat == "user_annotation" and name.startswith("Optimizer.step#"):
+        i = bisect.bisect_left(launches_us, e["ts"])
+        return None if i < len(launches_us) and launches_us[i] <= e["ts"] + e.get("dur", 0) else "cpu_optim"
+    if process.startswith("/host:") and "hlo_op" in (e.get("args") or {}):
+        return "host_compute"
+    return None
+
+
+def _copy_lane(name: str) -> str | None:
+    """h2d / d2h from a copy's name (torch "Memcpy HtoD (Pinned -> Device)", XLA "MemcpyH2D"); else None."""
+    if "HtoD" in name or "H2D" in name:
+        return "h2d"
+    if "DtoH" in name or "D2H" in name:
+        return "d2h"
+    return None
+
+
+def _window_us(events: list[dict], marker: str, path) -> tuple[float, float]:
+    marks = [e for e in events if e.get("name") == marker]
+    if not marks:
+        raise ValueError(f"{os.fspath(path)}: no event named {marker!r} marks the step to keep")
+    return min(e["ts"] for e in marks), max(e["ts"] + e.get("dur", 0) for e in marks)
+
+
+def step_figures(timeline: Timeline) -> dict[str, float | None]:
+    """What a result row carries from a step's timeline: its length, the GPU's busy fraction, each copy
+    direction's busy time (and rate, where the events carry bytes), the host optimizer's time and the share of it
+    hidden behind GPU work, the host's XLA compute (CPU backend); None where the timeline has no such lane."""
+    s = timeline.summary()
+    total, lanes = s["total_s"], s["lanes"]
+    busy = lambda lane: lanes[lane]["busy_s"] if lane in lanes else None
+    fraction = lambda lane: lanes[lane]["busy_fraction"] if lane in lanes else None
+    nbytes = {lane: sum(e.args.get("bytes", 0) for e in timeline.events if e.lane == lane) for lane in ("h2d", "d2h")}
+    gbps = lambda lane: nbytes[lane] / busy(lane) / 1e9 if nbytes[lane] and busy(lane) else None
+    cpu = busy("cpu_optim")
+    hidden = s["overlap_s"]["cpu_optim"]["gpu"] / cpu if cpu and "gpu" in lanes else None
+    return {"timeline_step_s": total, "gpu_busy_fraction": fraction("gpu"), "h2d_busy_s": busy("h2d"),
+            "d2h_busy_s": busy("d2h"), "h2d_gbps": gbps("h2d"), "d2h_gbps": gbps("d2h"), "cpu_optim_s": cpu,
+            "cpu_optim_hidden_fraction": hidden,
+            "host_compute_busy_fraction": fraction("host_compute")}
+
+
+def write_step_timeline(timeline: Timeline, out_dir: str | os.PathLike, stem: str, title: str) -> dict[str, Any]:
+    """<out_dir>/<stem>.trace.json and .png; returns step_figures plus the PNG's path (for the result row)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timeline.to_chrome_trace(out_dir / f"{stem}.trace.json")
+    timeline.plot(out_dir / f"{stem}.png", title=title)
+    return {**step_figures(timeline), "timeline_png": str(out_dir / f"{stem}.png")}
 
 
 def _ordered_lanes(events: Sequence[Event]) -> list[str]:

@@ -139,6 +139,44 @@ def test_deepspeed_configs_and_prechecks():
     assert ds.host_need_gib("deepspeed_zero_offload", get_spec("paper-6b").param_count()) < 100
 
 
+# ---- one step's timeline of each baseline (issue 6) -------------------------------------------------------------
+def test_bench_step_timeline_for_the_reference(tmp_path, monkeypatch):
+    """bench_step --timeline for a baseline: one more step, untimed, traced by jax.profiler. On the CPU backend
+    XLA's ops run on host threads, so the honest lane is host_compute and there is no GPU figure."""
+    for var in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"):  # main sets them
+        monkeypatch.setenv(var, "0.95" if "FRACTION" in var else "120")
+    bench_step = _load("experiments/bench_step.py", "bench_step")
+    out = tmp_path / "rows.jsonl"
+    assert bench_step.main(["--system", "reference", "--model", "gpt-tiny", "--seq", "64", "--batch", "4", "--steps",
+                            "3", "--timeline", str(tmp_path / "timelines"), "--out", str(out)]) == 0
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert len(row["losses"]) == 3 and "timeline_error" not in row  # the traced step is not a timed one
+    stem = tmp_path / "timelines" / "reference-gpt-tiny-b4-0gib"  # beside lohan_jax's gpt-tiny-b4-0gib
+    assert row["timeline_png"] == f"{stem}.png" and Path(f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert row["gpu_busy_fraction"] is None and 0 < row["host_compute_busy_fraction"] <= 1
+    trace = json.loads(Path(f"{stem}.trace.json").read_text())["traceEvents"]
+    lanes = {e["args"]["name"] for e in trace if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert lanes == {"host_compute", "host"}
+
+
+def test_deepspeed_runner_traces_a_step_on_the_cpu(tmp_path):
+    """The DeepSpeed runner's traced step (torch.profiler, CPU only here): a matmul and torch's AdamW on CPU
+    tensors give the host optimizer's lane; --timeline reaches the child's arguments."""
+    torch = pytest.importorskip("torch")
+    ds = _load("experiments/baselines/deepspeed_gpt.py", "deepspeed_gpt")
+    assert ds.parse_args(["--timeline", "somewhere"]).timeline == "somewhere"
+    w = torch.nn.Parameter(torch.randn(32, 32))
+    opt = torch.optim.AdamW([w])
+
+    def step():
+        (torch.randn(8, 32) @ w).square().mean().backward()
+        opt.step()
+
+    row = ds.trace_step(step, tmp_path, "deepspeed_zero_offload-tiny-b8-24gib", "a tiny step")
+    assert (tmp_path / "deepspeed_zero_offload-tiny-b8-24gib.png").stat().st_size > 1000
+    assert row["cpu_optim_s"] > 0 and row["gpu_busy_fraction"] is None and row["timeline_step_s"] > 0
+
+
 # ---- the studies ------------------------------------------------------------------------------------------------
 @pytest.fixture()
 def sr(monkeypatch):
@@ -171,6 +209,18 @@ def test_children_failures_and_budget_are_results(sr, tmp_path):
     assert rows[0]["note"] == "kept" and "OOM killer" in rows[1]["error"] and "exited with 3" in rows[3]["error"]
     assert "study time budget" in rows[5]["error"]
     assert len(sr.latest_rows(tmp_path / "e.jsonl", "e")) == 6
+
+
+def test_timelines_on_the_first_configuration_of_each_system(sr, tmp_path):
+    runs = [sr.Run("refused", "lohan_jax", "paper-6b", (8,), 24.0, [], 0.0, skip="planner: no", skip_status="oom"),
+            sr.Run("13b", "deepspeed_zero_offload", "paper-13b", (8,), 24.0, ["ds"], 10.0),
+            sr.Run("b64", "lohan_jax", "paper-6b", (64,), 24.0, ["bench"], 100.0),
+            sr.Run("b8", "lohan_jax", "paper-6b", (8,), 24.0, ["bench"], 80.0),
+            sr.Run("zero", "deepspeed_zero_offload", "paper-6b", (8, 16), 24.0, ["ds"], 200.0)]
+    sr.with_timelines(runs, "paper-6b", tmp_path / "timelines")
+    traced = [r.label for r in runs if "--timeline" in r.argv]
+    assert traced == ["b64", "zero"] and runs[2].argv == ["bench", "--timeline", str(tmp_path / "timelines")]
+    assert runs[4].est_s == 200.0 + 2 * sr.TIMELINE_S and runs[3].est_s == 80.0
 
 
 def test_lohan_runs_the_planners_plan_or_its_refusal(sr, tmp_path):

@@ -56,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--experiment", default="baseline_throughput")
     p.add_argument("--out", default="experiments/results/baseline_throughput.jsonl")
     p.add_argument("--log", default="", help="the child's stdout+stderr go here (default: a temporary file)")
+    p.add_argument("--timeline", default="",
+                   help="directory for one more step per batch, after the timed ones, traced by torch.profiler: "
+                        "<system>-<model>-b<batch>-<cap>gib.png and .trace.json, figures in the row")
     p.add_argument("--dry-run", action="store_true", help="print the DeepSpeed config and model size; run nothing")
     p.add_argument("--no-precheck", action="store_true", help="run even what the host-RAM estimate says cannot fit")
     p.add_argument("--torch-adam", action="store_true",
@@ -411,8 +414,46 @@ def train(args, progress: _Progress):
         except torch.cuda.OutOfMemoryError as e:
             yield {**info, "status": "oom", "error": f"batch {batch}, step {len(times)}: {str(e)[:1200]}"}
             return
-        yield {**info, "status": "ok", "step_s": statistics.median(times[args.warmup:]), "step_times_s": times,
-               "losses": losses, "gpu_peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB}
+        result = {**info, "status": "ok", "step_s": statistics.median(times[args.warmup:]), "step_times_s": times,
+                  "losses": losses, "gpu_peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB}
+        if args.timeline:  # a trace that fails is noted in the row; the measurement stands
+            progress.set(f"batch {batch}, traced step")
+            tokens = torch.from_numpy(np.asarray(data.batch(args.steps)["tokens"], np.int64)).cuda()
+
+            def one_step(tokens=tokens):
+                engine.backward(engine(input_ids=tokens, labels=tokens).loss)
+                engine.step()
+                torch.cuda.synchronize()
+
+            try:
+                result.update(trace_step(one_step, Path(args.timeline), f"{args.system}-{args.model}-b{batch}-"
+                                         f"{args.gpu_budget_gib:g}gib", f"{args.system} {args.model} batch "
+                                         f"{batch}x{args.seq}: one step (torch.profiler)"))
+            except Exception as e:
+                result["timeline_error"] = f"{type(e).__name__}: {e}"[:500]
+        yield result
+
+
+def trace_step(step, out_dir: Path, stem: str, title: str) -> dict:
+    """`step()` (one optimizer step, synchronised) once under torch.profiler (CPU, and CUDA where there is one):
+    its kernels, copies and host optimizer in lohan_jax's lanes; PNG, trace and the figures for the row."""
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from lohan_jax.timeline import STEP_MARKER, timeline_from_trace, write_step_timeline
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with tempfile.TemporaryDirectory() as tmp:
+        with torch.profiler.profile(activities=activities) as prof, torch.profiler.record_function(STEP_MARKER):
+            step()
+        raw = Path(tmp) / "torch_trace.json"
+        prof.export_chrome_trace(str(raw))
+        timeline = timeline_from_trace(raw, window=STEP_MARKER)
+    if torch.cuda.is_available() and "gpu" not in timeline.lanes():
+        raise RuntimeError("torch.profiler recorded no GPU kernel in the step (CUPTI unavailable?)")
+    return write_step_timeline(timeline, out_dir, stem, title)
 
 
 def _peak_rss_gib() -> float:
