@@ -32,11 +32,12 @@ def test_deterministic_sets_the_flag_before_jax_starts_and_keeps_other_flags():
     assert _flags("train.deterministic=true", env_flags=FLAG) == FLAG  # not twice
 
 
-def test_a_started_cpu_backend_needs_no_flag(tmp_path):
+def test_a_started_cpu_backend_needs_no_flag(monkeypatch):
     import jax
 
-    from lohan_jax.cli import main
-    jax.numpy.ones(1)  # jax started here without the flag: the CPU is deterministic anyway
-    assert main(["train", "--set", "model.name=gpt-tiny", "--set", "train.steps=1", "--set", "train.seq_len=32",
-                 "--set", "train.batch_size=4", "--set", "train.deterministic=true", "--set", "data.eval_fraction=0",
-                 "--no-progress", "--run-dir", str(tmp_path / "r")]) == 0
+    from lohan_jax import determinism
+    from lohan_jax.config import load_config
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    jax.numpy.ones(1)  # jax started here without the flag: the CPU is deterministic anyway, nothing to refuse
+    determinism.enable(load_config(None, ["train.deterministic=true"]))
+    assert "XLA_FLAGS" not in os.environ  # too late to matter: not set
