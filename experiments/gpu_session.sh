@@ -6,7 +6,7 @@
 #   g = XLA's GPU allocator (bfc | vmm | cuda_async) vs the 24 GiB pool's fragmentation, the planner's 6B plans)
 set -u
 part=${1:-a}; out=${2:-/tmp/gpu_out}; mkdir -p "$out"
-export PYTHONPATH=$PWD XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=120 PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1  # XLA's pinned cap: bench_step sets it from each run's plan
 log() { echo "== $(date +%T) $*"; }
 if [ "$part" = a ]; then
   log env; { nvidia-smi --query-gpu=name,memory.total --format=csv; nproc; free -g; df -h /tmp | tail -1;

@@ -70,7 +70,8 @@ def _child_env() -> dict:
         env["JAX_PLATFORMS"] = _CALLER_JAX_PLATFORMS
     env.update(PYTHONPATH=f"{REPO}{os.pathsep}{env['PYTHONPATH']}" if env.get("PYTHONPATH") else str(REPO),
                PYTHONUNBUFFERED="1")
-    env.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", "120")
+    # XLA's pinned cap is left to each child: bench_step caps it at its plan's need for lohan_jax (a 120 GiB default,
+    # counted x1.1 in RAM, refused the ablation's all-swap run of 2026-11-26) and at 120 for the baselines
     return env
 
 
