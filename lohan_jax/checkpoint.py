@@ -206,6 +206,13 @@ class _ArraysRestore(ocp.args.CheckpointArgs):
     pass
 
 
+def committed_steps(directory: str | Path) -> list[int]:
+    """The steps of the committed checkpoints in `directory` (orbax renames a step directory into place only once
+    it is complete); [] where there is none, or no directory."""
+    d = Path(directory)
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir()) if d.is_dir() else []
+
+
 # ---- the checkpointer ---------------------------------------------------------------------------------------
 class Checkpointer:
     def __init__(self, directory: str | Path, max_to_keep: int = 3, async_save: bool = True,
@@ -329,10 +336,10 @@ class Checkpointer:
 
     # ---- finding and restoring ---------------------------------------------------------------------------
     def all_steps(self, wait: bool = True) -> list[int]:
-        """Committed checkpoints (orbax renames a step directory into place only once it is complete)."""
+        """Committed checkpoints (committed_steps), after a save in flight when `wait`."""
         if wait:
             self.wait()
-        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
+        return committed_steps(self.directory)
 
     def latest_step(self) -> int | None:
         steps = self.all_steps()

@@ -113,8 +113,8 @@ class Drill:
 
     # ---- the chain -------------------------------------------------------------------------------------------
     def committed(self) -> list[int]:
-        d = self.run_dir / "checkpoints"
-        return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+        from lohan_jax.checkpoint import committed_steps
+        return committed_steps(self.run_dir / "checkpoints")
 
     def _rows(self, run_dir: Path) -> list[dict]:
         path = run_dir / "metrics.jsonl"

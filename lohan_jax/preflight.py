@@ -123,7 +123,9 @@ def new_checkpoint_generations(t, ckpt_dir: Path) -> int:
     """How many checkpoints' worth of new disk this run needs at its peak: the saves it will make (after the
     latest committed one, when resuming), but at most keep_checkpoints + 1 alive at once (the newest is written
     before the oldest goes), less those already on disk."""
-    committed = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.is_dir() else []
+    from lohan_jax.checkpoint import committed_steps
+
+    committed = committed_steps(ckpt_dir)
     saves = len(t.checkpoint_steps(committed[-1] if committed else 0))
     return min(saves, max(1, t.keep_checkpoints + 1 - len(committed)))
 
