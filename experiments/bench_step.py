@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--weights", default="host")
     p.add_argument("--optim-state", default="host")
     p.add_argument("--activations", default="recompute")
+    p.add_argument("--remat", action="store_true", help="reference: recompute each block in the backward "
+                   "(jax.checkpoint, lohan_jax's recompute policy): what lets a resident 6B step fit 141 GB")
     p.add_argument("--gpu-state-blocks", type=int, default=0,
                    help="hand plan: the last N blocks keep weights and Adam state in HBM, updated on the GPU")
     p.add_argument("--disk-state-blocks", type=str, default="",
@@ -103,6 +105,8 @@ def main(argv=None) -> int:
            "batch_tokens": args.batch * args.seq, "gpu_budget_gib": args.gpu_budget_gib or total, "n_gpus": 1,
            "steps": args.steps, "lr": args.lr, "command": " ".join(["python", *sys.argv]),
            "pinned_limit_gib": float(os.environ["XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"])}
+    if args.system == "reference":
+        row["remat"] = args.remat
     from lohan_jax.memtrace import MemTrace
     trace = MemTrace(args.mem_trace) if args.mem_trace else None
     try:
@@ -132,6 +136,19 @@ def main(argv=None) -> int:
     return 0 if row["status"] == "ok" else 1
 
 
+def reference_fits_or_raise(n_params: int) -> None:
+    """The resident reference holds fp32 params, gradients and both Adam moments on the device (16 B/param)
+    before any activation: refuse at once, in XLA's words (an OOM row), where the device's pool is smaller."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    need, limit = 16 * n_params / 2**30, stats.get("bytes_limit", 0) / 2**30
+    if limit and need > limit:
+        raise MemoryError(f"RESOURCE_EXHAUSTED (precheck, nothing allocated): the all-in-HBM reference needs "
+                          f"{need:.1f} GiB for fp32 params, gradients and Adam moments alone; this device's pool is "
+                          f"{limit:.1f} GiB. Run it on a larger card (nvidia-h200) or a smaller model.")
+
+
 def run(args, trace=None) -> dict:
     import jax
     import jax.numpy as jnp
@@ -159,8 +176,9 @@ def run(args, trace=None) -> dict:
         print("raw disk:", out, flush=True)
     if args.system == "reference":
         from lohan_jax.reference import ReferenceTrainer
+        reference_fits_or_raise(spec.param_count())
         params = jax.jit(lambda k: model.init(k, args.seq))(jax.random.key(0))
-        trainer = ReferenceTrainer(model, params, optim, args.steps, jnp.bfloat16)
+        trainer = ReferenceTrainer(model, params, optim, args.steps, jnp.bfloat16, remat=args.remat)
         del params
         engine = None
     elif args.system == "jax_native_offload":  # lohan_jax/baselines: one jitted step, state in pinned host memory

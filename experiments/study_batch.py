@@ -10,7 +10,9 @@ tier on the whole card, ~1 min/step, not run), the baselines' host-RAM prechecks
 as far as the time budget goes. Each system's first 6B configuration also writes one step's timeline (PNG,
 trace) to timelines/ beside --out. A second call, `--only lohan_jax`, fills in the lohan_jax points the first one
 skipped. --full adds the block-only peak, ZeRO-Offload at 32/64, the whole card, ZeRO-3 and jax_native_offload
-at 6B and the 13B run itself (~35 min: split it with --only and --budget-s).
+at 6B, the fully resident reference at 6B b16/b32 (blocks recomputed; it fits an H200, not an H100) and the 13B
+run itself (~35 min: split it with --only and --budget-s). On another card, plan for it with --machine (a profile
+`lohan-jax profile --no-model --out F` measured there).
 
   python experiments/study_batch.py                 # run (GPU machine), append, table, plot
   python experiments/study_batch.py --dry-run       # the commands and the time estimate
@@ -54,6 +56,9 @@ def build_runs(args, plan_dir: Path, log_dir: Path) -> list[sr.Run]:
                  ds("deepspeed_zero_offload", "paper-6b", (8, 16, 32, 64), 0.0, first_build=False),
                  sr.native_run("paper-6b", 8, CAP_GIB, steps=args.steps),
                  sr.native_run("paper-6b", 8, 0.0, steps=args.steps)]
+        # offloaded vs fully resident (issue 6: within 10% at batch >= 16): the reference needs 16 B/param on the
+        # card (refused at its precheck on an 80 GB H100); on a 141 GB H200 it fits with its blocks recomputed
+        runs += [sr.reference_run("paper-6b", b, steps=args.steps, remat=True) for b in (16, 32)]
     return sr.with_timelines(runs, "paper-6b", Path(args.out).parent / "timelines")  # beside the rows
 
 

@@ -76,10 +76,13 @@ def _child_env() -> dict:
 
 
 # ---- the planner -----------------------------------------------------------------------------------------------
+PLANNER_MACHINE = "h100-80g"  # study_main's --machine: a built-in name or a profile `lohan-jax profile` saved
+
+
 def planner_machine(cap_gib: float):
     from lohan_jax.planner import machine
 
-    m = machine("h100-80g")
+    m = machine(PLANNER_MACHINE)
     return m.with_(hbm_gib=cap_gib) if cap_gib else m
 
 
@@ -180,7 +183,7 @@ def lohan_run(model: str, batch: int, cap_gib: float, *, steps: int = 3, plan_di
     verdict = planner_verdict(model, batch, cap_gib)
     base = ["--system", "lohan_jax", "--model", model, "--batch", str(batch), "--steps", str(steps), *_cap(cap_gib),
             *([] if peak else ["--no-peak"]), *extra_flags]
-    run = Run(label, "lohan_jax", model, (batch,), cap_gib, [], 0.0, {"planner_machine": "h100-80g",
+    run = Run(label, "lohan_jax", model, (batch,), cap_gib, [], 0.0, {"planner_machine": planner_machine(0).name,
               "planner_model_profile": "measured" if model in MODEL_PROFILES else "analytic"})
     if not verdict["fits"]:
         run.skip, run.skip_status = ("refused by the planner (nothing fits this machine): "
@@ -206,13 +209,15 @@ def lohan_run(model: str, batch: int, cap_gib: float, *, steps: int = 3, plan_di
     return run
 
 
-def reference_run(model: str, batch: int, *, steps: int = 4) -> Run:
-    """The all-in-HBM reference trainer on the whole card (16 B/param + activations: it has no remat)."""
+def reference_run(model: str, batch: int, *, steps: int = 4, remat: bool = False) -> Run:
+    """The all-in-HBM reference trainer on the whole card: 16 B/param + activations, all of them unless remat
+    (each block recomputed in the backward, as lohan_jax's recompute policy)."""
     p = _params_b(model)
-    step = 6 * p * 1e9 * batch * 1024 / 400e12
-    return Run(f"reference {model} b{batch} card", "reference", model, (batch,), 0.0,
+    step = (8 if remat else 6) * p * 1e9 * batch * 1024 / 400e12
+    return Run(f"reference {model} b{batch} card" + (" remat" if remat else ""), "reference", model, (batch,), 0.0,
                [sys.executable, BENCH, "--system", "reference", "--model", model, "--batch", str(batch),
-                "--steps", str(steps)], 20 + 5 * p + (steps + 1) * step)
+                "--steps", str(steps), *(["--remat"] if remat else [])], 20 + 5 * p + (steps + 1) * step,
+               {"remat": remat})
 
 
 def native_run(model: str, batch: int, cap_gib: float, *, steps: int = 3) -> Run:
@@ -364,7 +369,7 @@ def study_main(argv, *, experiment: str, doc: str, build_runs, plot, budget_s: f
     print the table and the ratios, draw. build_runs(args, plan_dir, log_dir) -> [Run]; plot(rows, png)."""
     import argparse
 
-    global _CALLER_JAX_PLATFORMS
+    global _CALLER_JAX_PLATFORMS, PLANNER_MACHINE
     t_start = time.monotonic()  # the budget covers the planning below too
     _CALLER_JAX_PLATFORMS = os.environ.get("JAX_PLATFORMS")
     os.environ["JAX_PLATFORMS"] = "cpu"  # the planner imports jax: this process must never take the GPU
@@ -385,9 +390,12 @@ def study_main(argv, *, experiment: str, doc: str, build_runs, plot, budget_s: f
     p.add_argument("--out", default=f"experiments/results/{experiment}.jsonl")
     p.add_argument("--plot", default="", help="PNG path (default: beside --out)")
     p.add_argument("--log-dir", default=f"/tmp/lohan_studies/{experiment}", help="children's logs and plans")
+    p.add_argument("--machine", default=PLANNER_MACHINE, help="the planner's machine: a built-in name or a profile "
+                   "saved by `lohan-jax profile --no-model --out F` on this machine (e.g. the H200)")
     args = p.parse_args(argv)
     if args.steps < 3:
-        p.error("--steps must be >= 3 (the median is over the steps after the first)")
+        p.error("--steps must be >= 3 (the first is the warm-up; the mean is over the rest)")
+    PLANNER_MACHINE = args.machine
     out = REPO / args.out if not Path(args.out).is_absolute() else Path(args.out)
     png = Path(args.plot) if args.plot else out.with_suffix(".png")
     if not args.plot_only:

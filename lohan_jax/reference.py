@@ -20,13 +20,27 @@ from lohan_jax.models import DecoderModel, Params, cast_floating, decay_mask
 from lohan_jax.optim.schedule import make_optax_adamw, make_schedule
 
 
-def make_reference_loss_and_grad(model: DecoderModel, compute_dtype: Any):
-    """(fp32 params, step batch [M, b, S]) -> (loss, fp32 grads), accumulating micro-batches in fp32."""
+def make_reference_loss_and_grad(model: DecoderModel, compute_dtype: Any, remat: bool = False):
+    """(fp32 params, step batch [M, b, S]) -> (loss, fp32 grads), accumulating micro-batches in fp32.
 
-    def micro_loss(params32: Params, tokens, targets, weights):
-        return model.loss(cast_floating(params32, compute_dtype), tokens, targets, weights)
+    remat: each block runs under jax.checkpoint and is recomputed in the backward (the engine's recompute
+    policy), keeping only block inputs; the cast to compute_dtype happens inside, so no bf16 copy of the
+    weights is held either. It is what lets a resident 6B step fit a 141 GB card."""
+    if not remat:
+        def micro_loss(params32: Params, tokens, targets, weights):
+            return model.loss(cast_floating(params32, compute_dtype), tokens, targets, weights)
+        return over_micro_batches(micro_loss)
 
-    return over_micro_batches(micro_loss)
+    block = jax.checkpoint(lambda p32, x: model.block(cast_floating(p32, compute_dtype), x))
+
+    def remat_loss(params32: Params, tokens, targets, weights):
+        p = {k: cast_floating(params32[k], compute_dtype) for k in ("embed", "head")}
+        x = model.embed(p["embed"], tokens)
+        for p32 in params32["blocks"]:
+            x = block(p32, x)
+        return model.head_loss(p["head"], p["embed"], x, targets, weights)
+
+    return over_micro_batches(remat_loss)
 
 
 def over_micro_batches(micro_loss):
@@ -35,6 +49,10 @@ def over_micro_batches(micro_loss):
     grad_fn = jax.value_and_grad(micro_loss)
 
     def loss_and_grad(params32: Params, batch: dict[str, jax.Array]):
+        if batch["tokens"].shape[0] == 1:  # one micro-batch: no fp32 accumulator (0 + g is g, bit for bit)
+            mb = jax.tree.map(lambda a: a[0], batch)
+            return grad_fn(params32, mb["tokens"], mb["targets"], mb["weights"])
+
         def body(carry, mb):
             loss, grads = carry
             loss_mb, g = grad_fn(params32, mb["tokens"], mb["targets"], mb["weights"])
@@ -51,17 +69,19 @@ class ReferenceTrainer:
     """Holds fp32 params and optax state on the default device; `step` is one jitted optimizer step."""
 
     def __init__(self, model: DecoderModel, params32: Params, optim: OptimConfig, total_steps: int,
-                 compute_dtype: Any = jnp.bfloat16, guard_nonfinite: bool = True, grad_fault: Any = None):
-        """guard_nonfinite: skip a step whose loss or gradient norm is not finite (no sync: a select inside
-        the jitted step). grad_fault: a test hook `(grads, call) -> grads` applied inside the step, where
-        `call` counts step() calls from 0 (traced), to inject a non-finite gradient."""
+                 compute_dtype: Any = jnp.bfloat16, guard_nonfinite: bool = True, grad_fault: Any = None,
+                 remat: bool = False):
+        """remat: recompute each block in the backward (make_reference_loss_and_grad). guard_nonfinite: skip a
+        step whose loss or gradient norm is not finite (no sync: a select inside the jitted step). grad_fault: a
+        test hook `(grads, call) -> grads` applied inside the step, where `call` counts step() calls from 0
+        (traced), to inject a non-finite gradient."""
         self.model, self.compute_dtype = model, compute_dtype
         self.optimizer = make_optax_adamw(optim, total_steps, decay_mask(params32))
         self.schedule = make_schedule(optim, total_steps)
         self.params = jax.tree.map(jnp.copy, params32)  # the step donates its buffers; the caller keeps theirs
         self.opt_state = self.optimizer.init(params32)
         self.defer_updates = False  # the engine's knob (replaying a torn step); the reference is never torn
-        loss_and_grad = make_reference_loss_and_grad(model, compute_dtype)
+        loss_and_grad = make_reference_loss_and_grad(model, compute_dtype, remat)
 
         def train_step(params, opt_state, count, batch, call):
             loss, grads = loss_and_grad(params, batch)
