@@ -220,16 +220,17 @@ def reference_run(model: str, batch: int, *, steps: int = 4, remat: bool = False
                {"remat": remat})
 
 
-def native_run(model: str, batch: int, cap_gib: float, *, steps: int = 3) -> Run:
-    """jax_native_offload (lohan_jax/baselines) through bench_step."""
+def native_run(model: str, batch: int, cap_gib: float, *, steps: int = 3, micro: int = 1) -> Run:
+    """jax_native_offload (lohan_jax/baselines) through bench_step; micro > 1: the batch as that many
+    accumulated micro-batches in its one jitted step (how a JAX user grows the batch past the HBM)."""
     p = _params_b(model)
     argv = [sys.executable, BENCH, "--system", "jax_native_offload", "--model", model, "--batch", str(batch),
-            "--steps", str(steps), *_cap(cap_gib), "--no-peak"]
+            "--steps", str(steps), *_cap(cap_gib), "--no-peak", *(["--micro", str(micro)] if micro > 1 else [])]
     # fp32 params and Adam state cross PCIe both ways every step (12 B/param each way, ~70 GB/s duplex)
     step = max(24 * p * 1e9 / 70e9, 8 * p * 1e9 * batch * 1024 / 400e12)
     est = 30 if 12 * p * 1e9 > HOST_RAM_GIB * GIB else 40 + 12 * p + (steps + 1) * step  # refused at its precheck
-    return Run(f"jax_native_offload {model} b{batch} {cap_gib or 'card'}", "jax_native_offload", model, (batch,),
-               cap_gib, argv, est)
+    return Run(f"jax_native_offload {model} b{batch} {cap_gib or 'card'}" + (f" x{micro} micro" if micro > 1 else ""),
+               "jax_native_offload", model, (batch,), cap_gib, argv, est)
 
 
 def deepspeed_run(system: str, model: str, batches: tuple[int, ...], cap_gib: float, *, steps: int = 3,
