@@ -118,8 +118,9 @@ def main(argv=None) -> int:
         row["status"] = "ok"
     except Exception as e:  # failures are results too (OOM above all)
         msg = f"{type(e).__name__}: {e}"
-        row.update(status="oom" if "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower() else "failed",
-                   error=msg[:2000])
+        refused = type(e).__name__ in ("MemoryBudgetError", "PlanRefused")  # over a memory budget, nothing allocated
+        row.update(status="oom" if refused or "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower()
+                   else "failed", error=msg[:2000])
         import traceback
         traceback.print_exc()
     import jax

@@ -55,7 +55,8 @@ def build_runs(args, plan_dir: Path, log_dir: Path) -> list[sr.Run]:
         runs += [ds("deepspeed_zero3_cpu", "paper-6b", (8, 16, 32, 64), CAP_GIB, first_build=False),
                  ds("deepspeed_zero_offload", "paper-6b", (8, 16, 32, 64), 0.0, first_build=False),
                  sr.native_run("paper-6b", 8, CAP_GIB, steps=args.steps),
-                 sr.native_run("paper-6b", 8, 0.0, steps=args.steps)]
+                 sr.native_run("paper-6b", 8, 0.0, steps=args.steps),
+                 sr.native_run("paper-6b", 32, 0.0, steps=args.steps, micro=4)]
         # offloaded vs fully resident (issue 6: within 10% at batch >= 16): the reference needs 16 B/param on the
         # card (refused at its precheck on an 80 GB H100); on a 141 GB H200 it fits with its blocks recomputed
         runs += [sr.reference_run("paper-6b", b, steps=args.steps, remat=True) for b in (16, 32)]

@@ -5,7 +5,7 @@ the same run?
 
 Best batch: lohan_jax 64 x 1024 (its throughput grows with the batch: study_batch); ZeRO-3 swept over 8/16/32 in
 one process (its best is kept); jax_native_offload and the reference 8 (they hold fp32 state on the device during
-the step; jax_native_offload 1.3B also at 32 as 4 accumulated micro-batches of 8, its weights fetched once a step). Default set, in priority order, within one GPU-machine call (~9 min on the H100): lohan_jax 1.3B, 2.7B,
+the step; jax_native_offload 1.3B also at 32 and 64 as accumulated micro-batches of 8, its weights fetched once a step). Default set, in priority order, within one GPU-machine call (~9 min on the H100): lohan_jax 1.3B, 2.7B,
 6B; 13B as the planner's verdict and the baselines' host-RAM prechecks; then the baselines from the smallest model
 up (1.3B: ZeRO-3, jax_native_offload, reference; 2.7B; ZeRO-3 6B), as far as the time budget goes. Each system's
 1.3B configuration also writes one step's timeline (PNG, trace) to timelines/ beside --out. --run-13b
@@ -57,7 +57,8 @@ def build_runs(args, plan_dir: Path, log_dir: Path) -> list[sr.Run]:
              sr.native_run("paper-13b", BASELINE_BATCH, 0.0, steps=steps)]
     # the baselines, smallest model first; what the budget does not reach is recorded as skipped
     runs += [zero3("gpt3-1.3b", (8, 16, 32), True), native("gpt3-1.3b"),
-             sr.native_run("gpt3-1.3b", 32, CAP_GIB, steps=steps, micro=4),  # its best batch: 4 x 8 accumulated
+             sr.native_run("gpt3-1.3b", 32, CAP_GIB, steps=steps, micro=4),  # its best batch: 8s accumulated
+             sr.native_run("gpt3-1.3b", 64, CAP_GIB, steps=steps, micro=8),
              sr.reference_run("gpt3-1.3b", BASELINE_BATCH, steps=max(steps, 4)),
              native("gpt3-2.7b"), zero3("gpt3-2.7b", (8, 16, 32), False),
              sr.reference_run("gpt3-2.7b", BASELINE_BATCH, steps=max(steps, 4)),
