@@ -70,17 +70,18 @@ COLORS = {"lohan_jax": "tab:blue", "deepspeed_zero_offload": "tab:orange", "deep
 def plot(rows: list[dict], png: Path) -> None:
     models = [m for m in ("paper-6b", "paper-13b") if any(r.get("model") == m for r in rows)]
     fig, axes = sr.new_figure(len(models), "Throughput vs batch (seq 1024): solid = 24 GiB cap, dashed = whole card; "
-                                           "x = OOM / refused / failed")
+                                           "o = H100, s = H200; x = OOM / refused / failed")
     for ax, model in zip(axes, models, strict=True):
         mine = [r for r in rows if r.get("model") == model and not r.get("variant")]
-        for (system, cap) in sorted({(r["system"], sr.cap_of(r)) for r in mine}):
-            pts = sorted((r for r in mine if r["system"] == system and sr.cap_of(r) == cap),
+        for (system, cap, card) in sorted({(r["system"], sr.cap_of(r), sr.card_of(r)) for r in mine}):
+            pts = sorted((r for r in mine if r["system"] == system and sr.cap_of(r) == cap and sr.card_of(r) == card),
                          key=lambda r: r["batch_tokens"])
             ok = [r for r in pts if r.get("status") == "ok" and r.get("tokens_per_s")]
-            style = dict(color=COLORS.get(system, "black"), linestyle="-" if cap else "--", marker="o")
+            style = dict(color=COLORS.get(system, "black"), linestyle="-" if cap else "--",
+                         marker="s" if card == "H200" else "o")
             if ok:
                 ax.plot([r["batch_tokens"] // 1024 for r in ok], [r["tokens_per_s"] for r in ok],
-                        label=f"{system} ({cap:g} GiB)" if cap else f"{system} (card)", **style)
+                        label=f"{system} ({cap:g} GiB, {card})" if cap else f"{system} ({card})", **style)
             bad = [r for r in pts if r.get("status") in ("oom", "failed")]
             sr.mark_failures(ax, [r["batch_tokens"] // 1024 for r in bad], [r["status"] for r in bad], style["color"],
                              "" if ok else system)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 # ---- results: latest rows, ratios, plots ---------------------------------------------------------------------
 def latest_rows(path: Path, experiment: str) -> list[dict]:
-    """This study's rows, the newest per (system, model, batch, cap, variant)."""
+    """This study's rows, the newest per (system, model, batch, cap, variant, card)."""
     from lohan_jax.metrics import read_jsonl
 
     if not path.exists():
@@ -15,13 +15,20 @@ def latest_rows(path: Path, experiment: str) -> list[dict]:
     latest: dict = {}
     for row in read_jsonl(path):
         if row.get("experiment") == experiment:
-            key = (row.get("system"), row.get("model"), row.get("batch_tokens"), cap_of(row), row.get("variant"))
+            key = (row.get("system"), row.get("model"), row.get("batch_tokens"), cap_of(row), row.get("variant"),
+                   card_of(row))
             latest[key] = row
     return list(latest.values())
 
 
 def batch_of(row: dict) -> int:
     return row.get("batch_tokens", 0) // (row.get("seq_len") or 1024)
+
+
+def card_of(row: dict) -> str:
+    """The GPU a row ran on, short (H100, H200): rows of different cards are never one another's latest."""
+    device = row.get("device") or ""
+    return next((c for c in ("H100", "H200", "A100", "RTX 4090") if c in device), device or "?")
 
 
 def cap_of(row: dict) -> float:
@@ -48,16 +55,16 @@ def speedups(rows: list[dict], model: str, ours: str = "lohan_jax") -> dict[str,
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'system':<24} {'model':<10} {'batch':>5} {'cap':>5} {'status':<7} {'tok/s':>9} {'TF(6N)':>7} "
+    lines = [f"{'system':<24} {'model':<10} {'gpu':<5} {'batch':>5} {'cap':>5} {'status':<7} {'tok/s':>9} {'TF(6N)':>7} "
              f"{'TF(paper)':>9} {'pred s':>7} {'step s':>7}"]
     def num(r: dict, k: str, fmt: str) -> str:
         return format(r[k], fmt) if isinstance(r.get(k), (int, float)) else "-"
 
-    order = lambda r: (r.get("model", ""), r.get("system", ""), cap_of(r), r.get("batch_tokens", 0))
+    order = lambda r: (r.get("model", ""), card_of(r), r.get("system", ""), cap_of(r), r.get("batch_tokens", 0))
     for r in sorted(rows, key=order):
         f = lambda k, fmt, r=r: num(r, k, fmt)
         name = (r["system"] + (":" + r["variant"] if r.get("variant") else ""))[:24]
-        lines.append(f"{name:<24} {r.get('model', ''):<10} "
+        lines.append(f"{name:<24} {r.get('model', ''):<10} {card_of(r):<5} "
                      f"{batch_of(r):>5} {cap_of(r) or 'card':>5} {r.get('status', ''):<7} "
                      f"{f('tokens_per_s', ',.0f'):>9} {f('tflops_6n', '.0f'):>7} {f('tflops_paper', '.0f'):>9} "
                      f"{f('predicted_step_s', '.2f'):>7} {f('step_s', '.2f'):>7}")
