@@ -31,6 +31,7 @@ from study_results import (  # noqa: E402, F401 (re-exported: the studies use th
     batch_of,
     best_by_system,
     cap_of,
+    card_of,
     finish_axes,
     latest_rows,
     mark_failures,

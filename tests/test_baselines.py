@@ -278,3 +278,16 @@ def test_plots_redraw_from_rows(sr, tmp_path):
     ratios = sr.speedups([*rows, row("deepspeed_zero_offload", "paper-6b", 16)], "paper-6b")
     assert ratios == {"speedup_vs_deepspeed_zero_offload": pytest.approx(64 / 16)}
     json.dumps(rows)
+
+
+def test_latest_rows_keep_each_cards_rows(sr, tmp_path):
+    """An H200 row of a configuration does not replace the H100 row of the same one (tables, plots, ratios)."""
+    path = tmp_path / "rows.jsonl"
+    base = {"experiment": "x", "system": "lohan_jax", "model": "paper-6b", "batch_tokens": 16384,
+            "gpu_budget_gib": 79.6, "status": "ok"}
+    with open(path, "w") as f:
+        for device, tps in (("NVIDIA H100 80GB HBM3", 1.0), ("NVIDIA H200", 2.0), ("NVIDIA H100 80GB HBM3", 3.0)):
+            f.write(json.dumps({**base, "device": device, "tokens_per_s": tps}) + "\n")
+    rows = sr.latest_rows(path, "x")
+    assert sorted((sr.card_of(r), r["tokens_per_s"]) for r in rows) == [("H100", 3.0), ("H200", 2.0)]
+    assert "H200" in sr.table(rows)

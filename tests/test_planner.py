@@ -384,7 +384,7 @@ def test_cli_profile_on_cpu(tmp_path, capsys):
 
 def test_spare_hbm_buys_less_host_traffic(monkeypatch):
     """On a card with HBM to spare (6B b16 on a 141 GB H200), the greedy alone stops where the model sees no time
-    to gain, with 30 of 32 blocks' state on the host and 45 GB/step of PCIe; the spare-HBM phase keeps swaps and
+    to gain, with 26 of 28 blocks' state on the host and 45 GB/step of PCIe; the spare-HBM phase keeps swaps and
     state on the card instead, within SPARE_HBM_SLACK of the predicted step and every budget."""
     import importlib
 

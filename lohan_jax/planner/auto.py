@@ -97,5 +97,5 @@ def auto_plan(cfg: Any, machine: MachineProfile) -> AutoPlan:
     step_s = result.prediction.step_s
     plan = dataclasses.replace(result.plan, predicted_bottleneck=resource, predicted_step_s=step_s, notes=(
         f"plan: auto for {cfg.model.name}, batch {wl.batch_size} x {wl.model.seq_len} in {wl.n_micro} "
-        f"micro-batch(es), on {machine.name}; predicted {step_s:.3f} s/step",))
+        f"micro-batch(es), on {machine.name}; predicted {step_s:.3f} s/step", *result.plan.notes))
     return AutoPlan(plan, result.prediction, machine, format_result(result))

@@ -96,7 +96,7 @@ def _plan(args: argparse.Namespace) -> int:
         resource, _ = bottleneck(result.plan, wl, m, result.prediction)
         plan = dataclasses.replace(result.plan, predicted_bottleneck=resource, notes=(
             f"planned by lohan-jax plan for {cfg.model.name}, batch {wl.batch_size} x {wl.model.seq_len} in "
-            f"{wl.n_micro} micro-batch(es), on {m.name}",), disk_io_order=cfg.offload.disk_io_order)
+            f"{wl.n_micro} micro-batch(es), on {m.name}", *result.plan.notes), disk_io_order=cfg.offload.disk_io_order)
         plan.save(args.out)
         sets = " ".join(f"--set {s}" for s in args.set)
         parts = ("lohan-jax train", args.config or "", sets, f"--set offload.plan_file={args.out}")

@@ -127,6 +127,7 @@ def format_result(r: PlanResult) -> str:
                      if pred.busy_s.get("disk") else ""))
     _, text = bottleneck(plan, wl, m, pred)
     lines.append(f"bottleneck: {text}")
+    lines += [f"note: {n}" for n in plan.notes]
     if not plan.engine_executable:
         lines.append("NOTE: this plan keeps weights on disk, which the planner models but the engine does not "
                      "execute yet.")

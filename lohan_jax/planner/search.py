@@ -307,7 +307,7 @@ def _spend_spare_hbm(space: _Space, g: Genome, n: int, t_max: float) -> Genome:
     """HBM the greedy left unused buys less host-side work: un-swapped intermediates and inputs, resident weights,
     GPU-resident state, the most host seconds saved per HBM byte first, while the predicted step stays within
     SPARE_HBM_SLACK of the greedy's. The greedy stops where the model sees no time to gain, which on a large card
-    left 30 of 32 blocks on the host and the PCIe busy with swaps; the host side is where the model errs (shared
+    left 26 of 28 blocks on the host and the PCIe busy with swaps; the host side is where the model errs (shared
     memory bandwidth), so a plan that leans on it less runs closer to its prediction."""
     rev = range(len(g.blocks) - 1, -1, -1)
     rp = dataclasses.replace
@@ -330,6 +330,19 @@ def _spend_spare_hbm(space: _Space, g: Genome, n: int, t_max: float) -> Genome:
         if best is None:
             return g
         g = best
+
+
+def _spare_hbm_note(space: _Space, greedy: Genome, spent: Genome) -> tuple[str, ...]:
+    """What the spare-HBM phase traded, for the plan's explanation (nothing when it changed nothing)."""
+    if spent == greedy:
+        return ()
+    a, b = space.prediction(greedy), space.prediction(spent)
+    pcie = lambda p: (p.traffic["h2d_bytes"] + p.traffic["d2h_bytes"]) / 1e9
+    on_gpu = lambda g: sum(x.state == GPU for x in g.blocks)
+    return (f"spare HBM ({(space.hbm(spent) - space.hbm(greedy)) / GIB:.1f} GiB) spent on less host-side work: PCIe "
+            f"{pcie(a):.1f} -> {pcie(b):.1f} GB/step, host AdamW {a.busy_s.get('cpu', 0):.2f} -> "
+            f"{b.busy_s.get('cpu', 0):.2f} s, blocks with GPU state {on_gpu(greedy)} -> {on_gpu(spent)}, predicted "
+            f"step {100 * (b.step_s / a.step_s - 1):+.1f}% (allowed {100 * SPARE_HBM_SLACK:.0f}%)",)
 
 
 def _tune_pipeline(space: _Space, g: Genome) -> Genome:
@@ -367,12 +380,13 @@ def search(wl: Workload, machine: MachineProfile, opts: SearchOptions = SearchOp
         g = _tune_pipeline(space, g)
         if space.time(g) < best_t:
             best, best_t = g, space.time(g)
-    t_max = best_t * (1 + SPARE_HBM_SLACK)
+    greedy, t_max = best, best_t * (1 + SPARE_HBM_SLACK)
     for group in sorted({n, 1}, reverse=True):
         best = _spend_spare_hbm(space, best, group, t_max)
     plan = space.plan(best)
     pred = predict(plan, wl, machine)
-    plan = dataclasses.replace(plan, predicted_step_s=pred.step_s, predicted_tokens_per_s=pred.tokens_per_s)
+    plan = dataclasses.replace(plan, predicted_step_s=pred.step_s, predicted_tokens_per_s=pred.tokens_per_s,
+                               notes=_spare_hbm_note(space, greedy, best))
     return PlanResult(plan, pred, wl, machine, space.budgets, (), space.evaluations, time.perf_counter() - t0)
 
 
