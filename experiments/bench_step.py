@@ -103,7 +103,8 @@ def main(argv=None) -> int:
 
     row = {"experiment": args.experiment, "system": args.system, "model": args.model, "seq_len": args.seq,
            "batch_tokens": args.batch * args.seq, "gpu_budget_gib": args.gpu_budget_gib or total, "n_gpus": 1,
-           "steps": args.steps, "micro_batches": args.micro, "lr": args.lr, "command": " ".join(["python", *sys.argv]),
+           "steps": args.steps, "micro_batches": args.micro, "lr": args.lr,
+           "command": " ".join(["python", *sys.argv]),
            "pinned_limit_gib": float(os.environ["XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"])}
     if args.system == "reference":
         row["remat"] = args.remat

@@ -55,8 +55,8 @@ def speedups(rows: list[dict], model: str, ours: str = "lohan_jax") -> dict[str,
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'system':<24} {'model':<10} {'gpu':<5} {'batch':>5} {'cap':>5} {'status':<7} {'tok/s':>9} {'TF(6N)':>7} "
-             f"{'TF(paper)':>9} {'pred s':>7} {'step s':>7}"]
+    lines = [f"{'system':<24} {'model':<10} {'gpu':<5} {'batch':>5} {'cap':>5} {'status':<7} {'tok/s':>9} "
+             f"{'TF(6N)':>7} {'TF(paper)':>9} {'pred s':>7} {'step s':>7}"]
     def num(r: dict, k: str, fmt: str) -> str:
         return format(r[k], fmt) if isinstance(r.get(k), (int, float)) else "-"
 

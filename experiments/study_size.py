@@ -5,12 +5,13 @@ the same run?
 
 Best batch: lohan_jax 64 x 1024 (its throughput grows with the batch: study_batch); ZeRO-3 swept over 8/16/32 in
 one process (its best is kept); jax_native_offload and the reference 8 (they hold fp32 state on the device during
-the step; jax_native_offload 1.3B also at 32 and 64 as accumulated micro-batches of 8, its weights fetched once a step). Default set, in priority order, within one GPU-machine call (~9 min on the H100): lohan_jax 1.3B, 2.7B,
-6B; 13B as the planner's verdict and the baselines' host-RAM prechecks; then the baselines from the smallest model
-up (1.3B: ZeRO-3, jax_native_offload, reference; 2.7B; ZeRO-3 6B), as far as the time budget goes. Each system's
-1.3B configuration also writes one step's timeline (PNG, trace) to timelines/ beside --out. --run-13b
-adds the 13B run itself (whole card, batch 8, the planner's plan with optimizer state partly on disk;
-~6-9 min alone, so give it its own call: --only lohan_jax --run-13b).
+the step; jax_native_offload 1.3B also at 32 and 64 as accumulated micro-batches of 8, its weights fetched once a
+step). Default set, in priority order, within one GPU-machine call (~9 min on the H100): lohan_jax 1.3B, 2.7B, 6B;
+13B as the planner's verdict and the baselines' host-RAM prechecks; then the baselines from the smallest model up
+(1.3B: ZeRO-3, jax_native_offload, reference; 2.7B; ZeRO-3 6B), as far as the time budget goes. Each system's
+1.3B configuration also writes one step's timeline (PNG, trace) to timelines/ beside --out. --run-13b adds the
+13B run itself (whole card, batch 8, the planner's plan with optimizer state partly on disk; ~6-9 min alone,
+so give it its own call: --only lohan_jax --run-13b).
 
   python experiments/study_size.py                 # run (GPU machine), append, table, plot
   python experiments/study_size.py --dry-run       # the commands and the time estimate
