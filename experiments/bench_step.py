@@ -67,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--prefetch", type=int, default=2)
     p.add_argument("--keep-turn", type=int, default=1)
     p.add_argument("--plan-file", default="", help="run this saved plan (Plan.save JSON) instead of a hand plan")
+    p.add_argument("--model-profile", default="", help="a profile `lohan-jax profile` measured for this model: the "
+                   "pinned cap of a hand plan is sized from its kept-activation bytes (the analytic ones assume flash "
+                   "attention, which XLA did not use for 2.7B's head dim 80: 198.5 vs 76.9 KB/token)")
     p.add_argument("--clip-norm", type=float, default=0.0,
                    help="clip_by_global_norm threshold (> 0 defers every update to after the backward)")
     p.add_argument("--sync-updates", action="store_true",
@@ -301,7 +304,11 @@ def plan_pinned_cap_gib(args) -> float:
 
     cfg = load_config(None, [f"model.name={args.model}", f"train.seq_len={args.seq}", f"train.batch_size={args.batch}",
                              f"train.micro_batches={args.micro}", f"optim.clip_norm={args.clip_norm}"])
-    return pinned_pool_limit_gib(memory(build_plan(args, get_spec(args.model)), workload_for(cfg)).pinned_bytes)
+    mp = None
+    if args.model_profile:
+        from lohan_jax.planner.profile import load_profile
+        _, mp = load_profile(args.model_profile)
+    return pinned_pool_limit_gib(memory(build_plan(args, get_spec(args.model)), workload_for(cfg, mp)).pinned_bytes)
 
 
 def make_engine(args, model, spec, optim, b, trace=None):

@@ -88,6 +88,7 @@ def planner_machine(cap_gib: float):
 
 
 MODEL_PROFILES: dict = {}  # model -> its ModelProfile measured by `lohan-jax profile` (measure_model_profiles)
+MODEL_PROFILE_FILES: dict = {}  # model -> the file it was saved to (hand plans size their pinned cap from it)
 
 
 def workload(model: str, batch: int, seq: int = 1024):
@@ -124,6 +125,7 @@ def measure_model_profiles(models, log_dir: Path, *, micro_batch: int = 8, dry_r
             _, mp = load_profile(out)
             if mp is not None and mp.measured:
                 got[model] = MODEL_PROFILES[model] = mp
+                MODEL_PROFILE_FILES[model] = out
                 print(f"[profile {model}] measured in {time.monotonic() - t0:.0f} s: block fwd {mp.block_fwd_ms:.2f} "
                       f"ms, bwd (recompute) {mp.block_bwd_recompute_ms:.2f} ms at {mp.tokens_measured} tokens",
                       flush=True)
@@ -204,6 +206,8 @@ def lohan_run(model: str, batch: int, cap_gib: float, *, steps: int = 3, plan_di
         flags = ["--plan-file", str(path), "--pinned-limit-gb", f"{verdict['pinned_limit_gb']:.0f}"]
         if verdict["disk_gib"]:
             flags += ["--disk-path", f"/tmp/lohan_state_{_slug(label)}"]
+    elif model in MODEL_PROFILE_FILES:
+        flags = ["--model-profile", str(MODEL_PROFILE_FILES[model])]
     step_est = verdict["predicted_step_s"]
     run.argv = [sys.executable, BENCH, *base, *flags]
     run.est_s = 25 + 9.5 * _params_b(model) + (steps + 1) * step_est * 1.2 + (15 if peak else 0)
