@@ -121,8 +121,12 @@ def main(argv=None) -> int:
             row.update(run(args))
         row["status"] = "ok"
     except Exception as e:  # failures are results too (OOM above all)
+        from lohan_jax.baselines.jax_native_offload import BaselineOutOfMemory
+        from lohan_jax.engine.memory import MemoryBudgetError
+        from lohan_jax.planner.auto import PlanRefused
+
         msg = f"{type(e).__name__}: {e}"
-        refused = type(e).__name__ in ("MemoryBudgetError", "PlanRefused")  # over a memory budget, nothing allocated
+        refused = isinstance(e, (MemoryBudgetError, PlanRefused, BaselineOutOfMemory))  # nothing allocated
         row.update(status="oom" if refused or "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower()
                    else "failed", error=msg[:2000])
         import traceback
@@ -143,15 +147,17 @@ def main(argv=None) -> int:
 
 def reference_fits_or_raise(n_params: int) -> None:
     """The resident reference holds fp32 params, gradients and both Adam moments on the device (16 B/param)
-    before any activation: refuse at once, in XLA's words (an OOM row), where the device's pool is smaller."""
+    before any activation: refuse at once (an OOM row), where the device's pool is smaller."""
     import jax
+
+    from lohan_jax.baselines.jax_native_offload import BaselineOutOfMemory
 
     stats = jax.devices()[0].memory_stats() or {}
     need, limit = 16 * n_params / 2**30, stats.get("bytes_limit", 0) / 2**30
     if limit and need > limit:
-        raise MemoryError(f"RESOURCE_EXHAUSTED (precheck, nothing allocated): the all-in-HBM reference needs "
-                          f"{need:.1f} GiB for fp32 params, gradients and Adam moments alone; this device's pool is "
-                          f"{limit:.1f} GiB. Run it on a larger card (nvidia-h200) or a smaller model.")
+        raise BaselineOutOfMemory(f"out of memory (refused before allocating): the all-in-HBM reference needs "
+                                  f"{need:.1f} GiB for fp32 params, gradients and Adam moments alone; this device's "
+                                  f"pool is {limit:.1f} GiB. Run it on a larger card (nvidia-h200) or a smaller model.")
 
 
 def run(args, trace=None) -> dict:

@@ -87,8 +87,9 @@ def planner_machine(cap_gib: float):
     return m.with_(hbm_gib=cap_gib) if cap_gib else m
 
 
-MODEL_PROFILES: dict = {}  # model -> its ModelProfile measured by `lohan-jax profile` (measure_model_profiles)
-MODEL_PROFILE_FILES: dict = {}  # model -> the file it was saved to (hand plans size their pinned cap from it)
+# model -> (the file `lohan-jax profile` saved, its measured ModelProfile): measure_model_profiles. Planned runs use the
+# profile, hand plans pass the file to bench_step (their pinned cap is sized from its kept-activation bytes)
+MODEL_PROFILES: dict = {}
 
 
 def workload(model: str, batch: int, seq: int = 1024):
@@ -96,7 +97,7 @@ def workload(model: str, batch: int, seq: int = 1024):
     from lohan_jax.models import get_spec
     from lohan_jax.planner import Workload, model_profile_from_spec
 
-    mp = MODEL_PROFILES.get(model)
+    mp = MODEL_PROFILES[model][1] if model in MODEL_PROFILES else None
     if mp is None or mp.seq_len != seq:
         mp = model_profile_from_spec(get_spec(model), seq)
     return Workload(mp, batch)
@@ -124,8 +125,7 @@ def measure_model_profiles(models, log_dir: Path, *, micro_batch: int = 8, dry_r
         if rc == 0 and out.exists():
             _, mp = load_profile(out)
             if mp is not None and mp.measured:
-                got[model] = MODEL_PROFILES[model] = mp
-                MODEL_PROFILE_FILES[model] = out
+                got[model], MODEL_PROFILES[model] = mp, (out, mp)
                 print(f"[profile {model}] measured in {time.monotonic() - t0:.0f} s: block fwd {mp.block_fwd_ms:.2f} "
                       f"ms, bwd (recompute) {mp.block_bwd_recompute_ms:.2f} ms at {mp.tokens_measured} tokens",
                       flush=True)
@@ -206,8 +206,8 @@ def lohan_run(model: str, batch: int, cap_gib: float, *, steps: int = 3, plan_di
         flags = ["--plan-file", str(path), "--pinned-limit-gb", f"{verdict['pinned_limit_gb']:.0f}"]
         if verdict["disk_gib"]:
             flags += ["--disk-path", f"/tmp/lohan_state_{_slug(label)}"]
-    elif model in MODEL_PROFILE_FILES:
-        flags = ["--model-profile", str(MODEL_PROFILE_FILES[model])]
+    elif model in MODEL_PROFILES:
+        flags = ["--model-profile", str(MODEL_PROFILES[model][0])]
     step_est = verdict["predicted_step_s"]
     run.argv = [sys.executable, BENCH, *base, *flags]
     run.est_s = 25 + 9.5 * _params_b(model) + (steps + 1) * step_est * 1.2 + (15 if peak else 0)

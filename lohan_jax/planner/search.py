@@ -149,6 +149,18 @@ class _Space:
 
 
 # ---- moves -----------------------------------------------------------------------------------------------
+def _to_gpu_state(b: Block) -> Block:
+    return dataclasses.replace(b, state=GPU, w_hbm=True, w_disk=False)
+
+
+def _resident_weights(b: Block) -> Block:
+    return dataclasses.replace(b, w_hbm=True)
+
+
+def _keep_input(b: Block) -> Block:
+    return dataclasses.replace(b, swap_input=False)
+
+
 def _apply(g: Genome, order, ok, change, n: int) -> Genome | None:
     blocks, done = list(g.blocks), 0
     for i in order:
@@ -167,12 +179,10 @@ def _moves(space: _Space, g: Genome, n: int) -> list[tuple[str, Genome]]:
     rp = dataclasses.replace
     free_state = space.opts.force_state != DISK  # forced: every block's state stays on disk (none on the GPU)
     out = [
-        ("gpu state (first blocks)", _apply(g, fwd, lambda b: free_state and b.state != GPU,
-                                             lambda b: rp(b, state=GPU, w_hbm=True, w_disk=False), n)),
-        ("gpu state (last blocks)", _apply(g, rev, lambda b: free_state and b.state != GPU,
-                                            lambda b: rp(b, state=GPU, w_hbm=True, w_disk=False), n)),
-        ("resident weights", _apply(g, rev, lambda b: b.state == HOST and not b.w_hbm, lambda b: rp(b, w_hbm=True), n)),
-        ("keep block inputs", _apply(g, rev, lambda b: b.swap_input, lambda b: rp(b, swap_input=False), n)),
+        ("gpu state (first blocks)", _apply(g, fwd, lambda b: free_state and b.state != GPU, _to_gpu_state, n)),
+        ("gpu state (last blocks)", _apply(g, rev, lambda b: free_state and b.state != GPU, _to_gpu_state, n)),
+        ("resident weights", _apply(g, rev, lambda b: b.state == HOST and not b.w_hbm, _resident_weights, n)),
+        ("keep block inputs", _apply(g, rev, lambda b: b.swap_input, _keep_input, n)),
         ("state disk -> host", _apply(g, fwd, lambda b: b.state == DISK and free_state,
                                       lambda b: rp(b, state=HOST, w_disk=False), n)),
         ("weights disk -> host", _apply(g, fwd, lambda b: b.w_disk and space.opts.force_weights != DISK,
@@ -310,15 +320,13 @@ def _spend_spare_hbm(space: _Space, g: Genome, n: int, t_max: float) -> Genome:
     left 26 of 28 blocks on the host and the PCIe busy with swaps; the host side is where the model errs (shared
     memory bandwidth), so a plan that leans on it less runs closer to its prediction."""
     rev = range(len(g.blocks) - 1, -1, -1)
-    rp = dataclasses.replace
     free_state = space.opts.force_state != DISK
     while True:
         load0, hbm0 = space.host_load(g), space.hbm(g)
-        moves = [_apply(g, rev, lambda b: b.swap and b.level > 0, lambda b: rp(b, swap=False), n),
-                 _apply(g, rev, lambda b: b.swap_input, lambda b: rp(b, swap_input=False), n),
-                 _apply(g, rev, lambda b: b.state == HOST and not b.w_hbm, lambda b: rp(b, w_hbm=True), n),
-                 _apply(g, rev, lambda b: free_state and b.state == HOST,
-                        lambda b: rp(b, state=GPU, w_hbm=True, w_disk=False), n)]
+        moves = [_apply(g, rev, lambda b: b.swap and b.level > 0, lambda b: dataclasses.replace(b, swap=False), n),
+                 _apply(g, rev, lambda b: b.swap_input, _keep_input, n),
+                 _apply(g, rev, lambda b: b.state == HOST and not b.w_hbm, _resident_weights, n),
+                 _apply(g, rev, lambda b: free_state and b.state == HOST, _to_gpu_state, n)]
         best, best_score = None, 0.0
         for h in moves:
             th = None if h is None else space.time(h)
