@@ -317,6 +317,49 @@ def test_layer_norm_and_rms_norm_match_flax():
         "scale": (8,), "bias": (8,)}
 
 
+def test_norm_and_activation_backwards_match_autodiff():
+    """The hand-written backward passes (which keep only inputs and row statistics) against autodiff of flax's
+    norms and jax.nn's activations, in fp32 and in bf16 (the models' dtype)."""
+    import flax.linen as nn
+
+    from lohan_jax.models.activations import pointwise, swiglu
+    from lohan_jax.models.norms import layer_norm, rms_norm
+    from lohan_jax.models.spec import Activation
+
+    rng = np.random.default_rng(1)
+    x32 = jnp.asarray(rng.normal(0.5, 2.0, (2, 5, 16)).astype(np.float32))
+    u32 = jnp.asarray(rng.normal(0.0, 1.5, (2, 5, 16)).astype(np.float32))
+    g32 = jnp.asarray(rng.normal(0.0, 1.0, (2, 5, 16)).astype(np.float32))
+    scale = jnp.asarray(rng.normal(1.0, 0.2, 16).astype(np.float32))
+    bias = jnp.asarray(rng.normal(0.0, 0.2, 16).astype(np.float32))
+    plain = {
+        "layer_norm": (lambda x, s, b: layer_norm(x, s, b, 1e-5, x.dtype),
+                       lambda x, s, b: nn.LayerNorm(1e-5, dtype=x.dtype).apply({"params": {"scale": s, "bias": b}}, x)),
+        "rms_norm": (lambda x, s, b: rms_norm(x, s, 1e-6, x.dtype) + 0 * b.astype(x.dtype)[None, None],
+                     lambda x, s, b: nn.RMSNorm(1e-6, dtype=x.dtype).apply({"params": {"scale": s}}, x)
+                     + 0 * b.astype(x.dtype)[None, None]),
+        "swiglu": (lambda x, s, b: swiglu(x, x * 0.5 + 1), lambda x, s, b: jax.nn.silu(x) * (x * 0.5 + 1)),
+        **{a.value: (lambda x, s, b, a=a: pointwise(a)(x), lambda x, s, b, a=a: {
+            Activation.GELU: lambda v: jax.nn.gelu(v, approximate=False),
+            Activation.GELU_TANH: lambda v: jax.nn.gelu(v, approximate=True),
+            Activation.RELU: jax.nn.relu, Activation.SILU: jax.nn.silu}[a](x)) for a in Activation},
+    }
+    for dtype, tol in ((jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)):
+        x, g = (x32 if dtype == jnp.float32 else x32 + 0.1 * u32).astype(dtype), g32.astype(dtype)
+        for name, (ours, theirs) in plain.items():
+            with jax.numpy_dtype_promotion("standard"):
+                y1, vjp1 = jax.vjp(ours, x, scale, bias)
+                y2, vjp2 = jax.vjp(theirs, x, scale, bias)
+                d1, d2 = vjp1(g), vjp2(g)
+            np.testing.assert_allclose(np.asarray(y1, np.float32), np.asarray(y2, np.float32), rtol=tol, atol=tol,
+                                       err_msg=name)
+            for a, b_ in zip(d1, d2):
+                assert a.dtype == b_.dtype, name
+                np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b_, np.float32), rtol=tol,
+                                           atol=tol * float(jnp.abs(b_.astype(jnp.float32)).max() + 1e-3),
+                                           err_msg=f"{name} {dtype.__name__}")
+
+
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
 def test_xla_attention_matches_jax_dot_product_attention(n_kv_heads):
     from lohan_jax.models.attention import causal_attention

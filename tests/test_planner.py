@@ -227,15 +227,20 @@ def test_analytic_activations_match_abstract_evaluation(name):
     from lohan_jax.models import build_model
     from lohan_jax.planner.measure import activation_profile
 
-    spec = get_spec(name, n_layers=2)
+    spec = get_spec(name, n_layers=2, d_model=128, **({"d_ff": 256} if name.startswith("llama") else {}))
     cands, keep_bytes, rec = activation_profile(build_model(spec, jnp.float32), spec, 4, 32, jnp.float32)
-    analytic = model_profile_from_spec(spec, 32, itemsize=4)
+    analytic = model_profile_from_spec(spec, 32, itemsize=4, flash_attention=False)  # the CPU runs XLA's
     assert [c.name for c in cands] == [c.name for c in analytic.candidates]
     for c, a in zip(cands, analytic.candidates):
         assert c.nbytes_per_token == a.nbytes_per_token
-        assert abs(c.recompute_flops_per_token - a.recompute_flops_per_token) <= 0.1 * a.recompute_flops_per_token
+        if c.name == "mlp_act":  # elementwise only: XLA counts erf as a polynomial; never the up-projection
+            assert 0 < c.recompute_flops_per_token < spec.d_model * spec.ff_dim
+        else:
+            assert abs(c.recompute_flops_per_token - a.recompute_flops_per_token) <= 0.1 * a.recompute_flops_per_token
     assert rec >= sum(c.recompute_flops_per_token for c in cands)  # keep also spares the softmax and the norms
-    assert keep_bytes > sum(c.nbytes_per_token for c in cands)
+    # keep holds exactly what the analytic profile counts: no weight matrices, no fp32 copies inside the norms or
+    # the activation (LLaMA: plus its rotary tables, a few bytes per token)
+    assert analytic.keep_nbytes_per_token <= keep_bytes <= 1.02 * analytic.keep_nbytes_per_token
 
 
 def test_planned_traffic_equals_engine_counted_traffic():

@@ -20,45 +20,53 @@ def _nbytes(avals) -> int:
 class BlockProgram:
     """Forward and backward of one block as two jitted functions that pass residuals explicitly.
 
-    The forward runs jax.vjp of the (possibly rematerialised) block and returns only the residuals that are
-    not its own inputs: the weights and the block input are found among the vjp's residuals by inspecting
-    the jaxpr, dropped, and re-inserted in the backward from the freshly fetched weights and the stored
-    checkpoint. So weights are never held between forward and backward, and what the policy saves can be
-    swapped to host memory as plain arrays.
+    The forward runs jax.vjp of the (possibly rematerialised) block over its weight tree and returns only the
+    residuals that are not its own inputs: the weight matrices and the block input are found among the vjp's
+    residuals by inspecting the jaxpr, dropped, and re-inserted in the backward from the freshly fetched weights
+    and the stored checkpoint. So weights are never held between forward and backward (the vjp of the flat
+    vector would keep each matrix as a slice of it: a second copy of the block's weights per kept block), and
+    what the policy saves can be swapped to host memory as plain arrays.
     """
 
     def __init__(self, model: DecoderModel, layout: FlatLayout, policy: ActivationPolicy,
                  w_aval: jax.ShapeDtypeStruct, x_aval: jax.ShapeDtypeStruct):
         self.policy = policy
 
-        def block(w_flat, x_BSD):
-            return model.block(layout.unflatten(w_flat), x_BSD)
+        def block_tree(params, x_BSD):
+            return model.block(params, x_BSD)
 
         if policy.save is not None:
-            block = jax.checkpoint(block, policy=jax.checkpoint_policies.save_only_these_names(*policy.save))
+            block_tree = jax.checkpoint(block_tree, policy=jax.checkpoint_policies.save_only_these_names(*policy.save))
 
-        def fwd_full(w_flat, x_BSD):
-            return jax.vjp(block, w_flat, x_BSD)
+        def block(w_flat, x_BSD):
+            return block_tree(layout.unflatten(w_flat), x_BSD)
 
-        closed = jax.make_jaxpr(fwd_full)(w_aval, x_aval)
-        (_, vjp_aval) = jax.eval_shape(fwd_full, w_aval, x_aval)
+        def fwd_full(params, x_BSD):
+            return jax.vjp(block_tree, params, x_BSD)
+
+        p_aval = jax.eval_shape(layout.unflatten, w_aval)
+        closed = jax.make_jaxpr(fwd_full)(p_aval, x_aval)
+        (_, vjp_aval) = jax.eval_shape(fwd_full, p_aval, x_aval)
         vjp_leaves, self._vjp_treedef = jax.tree.flatten(vjp_aval)
-        w_var, x_var = closed.jaxpr.invars
+        *p_vars, x_var = closed.jaxpr.invars
+        where_p = {id(v): i for i, v in enumerate(p_vars)}
         outvars = closed.jaxpr.outvars[1:]
         assert len(outvars) == len(vjp_leaves)
-        self._kinds = tuple("w" if v is w_var else "x" if v is x_var else "r" for v in outvars)
+        # each vjp leaf: a weight leaf (its index), the block input ("x"), or a residual to keep ("r")
+        self._kinds = tuple(where_p.get(id(v), "x" if v is x_var else "r") for v in outvars)
         self.residual_avals = tuple(a for a, k in zip(vjp_leaves, self._kinds) if k == "r")
         self.residual_nbytes = _nbytes(self.residual_avals)
         kinds = self._kinds
 
         def fwd(w_flat, x_BSD):
-            y, vjp = jax.vjp(block, w_flat, x_BSD)
+            y, vjp = jax.vjp(block_tree, layout.unflatten(w_flat), x_BSD)
             return y, [leaf for leaf, k in zip(jax.tree.leaves(vjp), kinds) if k == "r"]
 
         def bwd(w_flat, x_BSD, residuals, dy_BSD):
-            it = iter(residuals)
-            leaves = [w_flat if k == "w" else x_BSD if k == "x" else next(it) for k in kinds]
-            dw, dx = jax.tree.unflatten(self._vjp_treedef, leaves)(dy_BSD)
+            it, p_leaves = iter(residuals), jax.tree.leaves(layout.unflatten(w_flat))
+            leaves = [x_BSD if k == "x" else next(it) if k == "r" else p_leaves[k] for k in kinds]
+            dparams, dx = jax.tree.unflatten(self._vjp_treedef, leaves)(dy_BSD)
+            dw = layout.flatten(dparams).astype(w_flat.dtype)
             return dx, dw, jnp.sum(jnp.square(dw.astype(jnp.float32)))
 
         if policy.chunks > 1:

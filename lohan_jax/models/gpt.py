@@ -8,13 +8,12 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from lohan_jax.models.activations import pointwise
 from lohan_jax.models.attention import causal_attention
 from lohan_jax.models.norms import LayerNorm
 from lohan_jax.models.spec import Activation, ModelSpec
 
-_ACT = {Activation.GELU: lambda x: jax.nn.gelu(x, approximate=False),
-        Activation.GELU_TANH: lambda x: jax.nn.gelu(x, approximate=True),
-        Activation.RELU: jax.nn.relu, Activation.SILU: jax.nn.silu}
+_ACT = {a: pointwise(a) for a in Activation}
 
 
 def _dense(features: int, std: float, dtype: Any, name: str) -> nn.Dense:

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from lohan_jax.models.activations import swiglu
 from lohan_jax.models.attention import causal_attention
 from lohan_jax.models.norms import RMSNorm
 from lohan_jax.models.spec import ModelSpec
@@ -61,7 +62,7 @@ class LlamaBlock(nn.Module):
         h = RMSNorm(s.norm_eps, dtype=self.dtype, name="mlp_norm")(x_BSD)
         gate = checkpoint_name(_dense(s.ff_dim, s.init_std, self.dtype, "gate")(h), "mlp_gate")
         up = checkpoint_name(_dense(s.ff_dim, s.init_std, self.dtype, "up")(h), "mlp_up")
-        act = checkpoint_name(jax.nn.silu(gate) * up, "mlp_act")
+        act = checkpoint_name(swiglu(gate, up), "mlp_act")
         return x_BSD + _dense(D, out_std, self.dtype, "down")(act)
 
 

@@ -187,9 +187,12 @@ def model_profile_from_spec(spec: Any, seq_len: int, itemsize: int = 2, flash_at
         fwd = 2 * spec.block_param_count() + 4 * s * d
     cands = tuple(Candidate(n, float(e * itemsize), float(fl)) for n, e, fl in names)
     names_bytes = sum(c.nbytes_per_token for c in cands)
-    # keep also holds the norms' outputs and the attention's softmax statistics (flash) or probabilities
-    attn_extra = 4 * h if flash_attention else h * s * (itemsize + 4)
-    keep = names_bytes + 2 * d * itemsize + attn_extra
+    # keep also holds the norms' outputs and fp32 row statistics (mean and 1/std for LayerNorm, 1/rms for
+    # RMSNorm: their custom backward keeps nothing else) and the attention's fp32 softmax statistics (flash), or
+    # XLA's attention's causal mask (bool), logits and shifted logits (fp32), probabilities and statistics
+    norm_stats = 2 * (8 if gpt else 4)
+    attn_extra = 4 * h if flash_attention else h * s * (1 + 8 + itemsize) + 8 * h
+    keep = names_bytes + 2 * d * itemsize + norm_stats + attn_extra
     recompute = sum(c.recompute_flops_per_token for c in cands) + 2 * s * d  # + the softmax (QK^T)
     return ModelProfile(
         model=spec.name, n_layers=spec.n_layers, d_model=d, d_ff=f, n_heads=h, vocab_size=spec.vocab_size,
