@@ -408,3 +408,43 @@ def test_spare_hbm_buys_less_host_traffic(monkeypatch):
     # little spare HBM at 24 GiB: the phase may only trade within the slack, and never adds traffic
     assert spent_small.prediction.step_s <= greedy_small.prediction.step_s * (1 + search_mod.SPARE_HBM_SLACK) * 1.01
     assert pcie(spent_small) <= pcie(greedy_small)
+
+
+def test_block_program_keeps_no_weights_and_no_reshaped_duplicates(monkeypatch):
+    """Under `keep`, the forward's residuals hold neither weight matrices nor a reshape of another residual. An
+    attention that keeps its own output (as cuDNN's does, in head layout) leaves the output projection's (B, S, D)
+    input as a view rebuilt in the backward; gradients are autodiff's."""
+    import jax
+    import jax.numpy as jnp
+
+    from lohan_jax.engine.layout import FlatLayout
+    from lohan_jax.engine.programs import BlockProgram
+    from lohan_jax.models import attention, build_model, gpt
+    from lohan_jax.plan import ActivationPolicy
+
+    @jax.custom_vjp
+    def keeps_output(q, k, v):  # XLA's attention with cuDNN's residuals (q, k, v, out), less its statistics
+        return attention._xla_attention(q, k, v)
+
+    def fwd(q, k, v):
+        out = attention._xla_attention(q, k, v)
+        return out, (q, k, v, out)
+
+    keeps_output.defvjp(fwd, lambda res, g: jax.vjp(attention._xla_attention, *res[:3])[1](g))
+    monkeypatch.setattr(gpt, "causal_attention", lambda q, k, v, impl=None: keeps_output(q, k, v))
+    spec = get_spec("gpt-tiny", n_layers=2, d_model=64)
+    model = build_model(spec, jnp.float32)
+    tree = model.init_unit(jax.random.key(0), 1, 16)
+    layout = FlatLayout.of(tree)
+    w, x = layout.flatten(tree), jax.random.normal(jax.random.key(1), (2, 16, spec.d_model))
+    dy = jax.random.normal(jax.random.key(2), x.shape)
+    prog = BlockProgram(model, layout, ActivationPolicy.parse("keep"), jax.ShapeDtypeStruct(w.shape, w.dtype),
+                        jax.ShapeDtypeStruct(x.shape, x.dtype))
+    assert "view" in prog._kinds
+    assert all(a.shape[:2] == x.shape[:2] for a in prog.residual_avals)  # per-token arrays only: no weights
+    analytic = model_profile_from_spec(spec, 16, itemsize=4)  # flash: + 4 B/head of statistics this one lacks
+    assert prog.residual_nbytes / x.shape[0] / x.shape[1] == analytic.keep_nbytes_per_token - 4 * spec.n_heads
+    y, res = prog.fwd(w, x)
+    dx, dw, _ = prog.bwd(w, x, res, dy)
+    gw, gx = jax.grad(lambda w, x: jnp.sum(model.block(layout.unflatten(w), x) * dy), argnums=(0, 1))(w, x)
+    assert float(jnp.abs(dx - gx).max()) < 1e-5 and float(jnp.abs(dw - gw).max()) < 1e-5

@@ -52,8 +52,15 @@ class BlockProgram:
         where_p = {id(v): i for i, v in enumerate(p_vars)}
         outvars = closed.jaxpr.outvars[1:]
         assert len(outvars) == len(vjp_leaves)
-        # each vjp leaf: a weight leaf (its index), the block input ("x"), or a residual to keep ("r")
-        self._kinds = tuple(where_p.get(id(v), "x" if v is x_var else "r") for v in outvars)
+        # each vjp leaf: a weight leaf (its index), the block input ("x"), a reshape of another leaf (("view",
+        # that leaf's position, shape): cuDNN attention keeps its output in head layout beside the output
+        # projection's (B, S, D) input, and XLA would return the two as separate buffers), or a residual ("r")
+        kinds = [where_p.get(id(v), "x" if v is x_var else "r") for v in outvars]
+        self._views = _views(closed.jaxpr, outvars, kinds)
+        for i, _, _ in self._views:
+            kinds[i] = "view"
+        self._kinds = tuple(kinds)
+        views = self._views
         self.residual_avals = tuple(a for a, k in zip(vjp_leaves, self._kinds) if k == "r")
         self.residual_nbytes = _nbytes(self.residual_avals)
         kinds = self._kinds
@@ -64,7 +71,10 @@ class BlockProgram:
 
         def bwd(w_flat, x_BSD, residuals, dy_BSD):
             it, p_leaves = iter(residuals), jax.tree.leaves(layout.unflatten(w_flat))
-            leaves = [x_BSD if k == "x" else next(it) if k == "r" else p_leaves[k] for k in kinds]
+            leaves = [x_BSD if k == "x" else next(it) if k == "r" else None if k == "view" else p_leaves[k]
+                      for k in kinds]
+            for i, src, shape in views:
+                leaves[i] = leaves[src].reshape(shape)
             dparams, dx = jax.tree.unflatten(self._vjp_treedef, leaves)(dy_BSD)
             dw = layout.flatten(dparams).astype(w_flat.dtype)
             return dx, dw, jnp.sum(jnp.square(dw.astype(jnp.float32)))
@@ -75,6 +85,41 @@ class BlockProgram:
         self.fwd = jax.jit(fwd)
         self.bwd = jax.jit(bwd, donate_argnums=(2, 3))
         self.apply = jax.jit(block)  # forward only (evaluation)
+
+
+def _views(jaxpr, outvars, kinds) -> list[tuple[int, int, tuple[int, ...]]]:
+    """(position, source position, shape) of each residual that is another vjp leaf reshaped (or merely renamed
+    by checkpoint_name), sources before their views, so the backward rebuilds it instead of keeping a copy."""
+    alias, made_by = {}, {}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "name":
+            alias[id(eqn.outvars[0])] = alias.get(id(eqn.invars[0]), eqn.invars[0])
+        elif eqn.primitive.name == "reshape":
+            made_by[id(eqn.outvars[0])] = eqn.invars[0]
+    root = lambda v: alias.get(id(v), v)
+    first = {}
+    for i, v in enumerate(outvars):
+        first.setdefault(id(root(v)), i)
+    views = []
+    for i, v in enumerate(outvars):
+        if kinds[i] != "r":
+            continue
+        r = root(v)
+        src = first[id(r)] if first[id(r)] != i else None  # the same value returned twice
+        if src is None and id(r) in made_by:
+            src = first.get(id(root(made_by[id(r)])))
+        if src is not None and src != i:
+            views.append((i, src, tuple(v.aval.shape)))
+    # a source may itself be a view: order so each source is rebuilt before the views that read it
+    order, done, pending = [], set(range(len(kinds))) - {i for i, _, _ in views}, list(views)
+    while pending:
+        ready = [t for t in pending if t[1] in done]
+        if not ready:  # a cycle cannot arise from one jaxpr's reshapes; keep the rest as residuals
+            break
+        order += ready
+        done |= {t[0] for t in ready}
+        pending = [t for t in pending if t not in ready]
+    return order
 
 
 def _chunked(block, chunks: int):
