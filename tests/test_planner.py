@@ -315,6 +315,28 @@ def test_measured_backward_is_piecewise_linear_through_the_saved_set_levels():
     assert wl.block_times_s(policies[2], H100_80G)[0] == wl0.block_times_s(policies[2], H100_80G)[0]
 
 
+def test_block_and_head_times_follow_the_measured_per_token_rate_of_larger_calls(tmp_path):
+    """Measured at 8 sequences, with the recomputed block 0.8x and the head 0.9x the per-token time at 32: a
+    micro-batch of 32 runs at those rates, one of 64 in 2 chunks runs its blocks 32 sequences a call, sizes in
+    between interpolate log-linearly, sizes outside stay at the ends; profiles without the points scale linearly."""
+    base = _measured_6b(8, 20.64, 57.45)
+    t8 = base.tokens_measured
+    mp = dataclasses.replace(base, size_points=((t8, 1.0), (4 * t8, 0.8)), head_size_points=((t8, 1.0), (4 * t8, 0.9)))
+    keep, chunked = ActivationPolicy(save=None), ActivationPolicy(save=(), chunks=2)
+    lin8, lin32 = Workload(base, 8), Workload(base, 32)
+    assert lin32.block_times_s(keep, H100_80G)[1] == pytest.approx(4 * lin8.block_times_s(keep, H100_80G)[1])
+    w32, w64, w16, w4 = (Workload(mp, b) for b in (32, 64, 16, 4))
+    assert w32.block_times_s(keep, H100_80G)[1] == pytest.approx(0.8 * lin32.block_times_s(keep, H100_80G)[1])
+    assert w32.head_s(H100_80G) == pytest.approx(0.9 * lin32.head_s(H100_80G))
+    assert w64.block_times_s(chunked, H100_80G)[0] == pytest.approx(
+        2 * 0.8 * lin32.block_times_s(chunked, H100_80G)[0])  # 2 calls of 32 sequences
+    assert mp.per_token_factor(2 * t8) == pytest.approx(0.9)  # halfway on a log scale
+    assert w16.block_times_s(keep, H100_80G)[0] == pytest.approx(0.9 * 2 * lin8.block_times_s(keep, H100_80G)[0])
+    assert w4.block_times_s(keep, H100_80G)[0] == pytest.approx(0.5 * lin8.block_times_s(keep, H100_80G)[0])
+    save_profile(tmp_path / "p.json", H100_80G, mp)
+    assert load_profile(tmp_path / "p.json")[1] == mp
+
+
 def test_old_profile_without_points_loads_with_todays_two_point_times(tmp_path):
     mp = _measured_6b(8, 20.64, 57.45)
     save_profile(tmp_path / "p.json", H100_80G, mp)
@@ -385,6 +407,9 @@ def test_cli_profile_on_cpu(tmp_path, capsys):
     save = tuple(c.name for c in mp.ranked_candidates()[:3])
     assert mp.block_bwd_ms(mp.rec_frac(save)) in [y for _, y in pts[1:-1]]
     assert "recompute share:ms" in capsys.readouterr().out
+    # the recomputed block and the head timed again at 4x the micro-batch: per-token factors of larger calls
+    assert [t for t, _ in mp.size_points] == [64, 256] == [t for t, _ in mp.head_size_points]
+    assert mp.size_points[0][1] == 1.0 and 0 < mp.size_points[1][1] < 2 and 0 < mp.head_size_points[1][1] < 2
 
 
 def test_spare_hbm_buys_less_host_traffic(monkeypatch):

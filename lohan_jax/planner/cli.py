@@ -138,6 +138,8 @@ def _profile(args: argparse.Namespace) -> int:
               + (" [recompute share:ms " + " ".join(f"{x:.2f}:{ms:.2f}" for x, ms in model.block_bwd_points_ms) + "]"
                  if model.block_bwd_points_ms else "") + ", head "
               f"{model.head_ms:.2f} ms; activations per token: "
-              + ", ".join(f"{c.name} {c.nbytes_per_token:.0f} B" for c in model.candidates))
+              + ", ".join(f"{c.name} {c.nbytes_per_token:.0f} B" for c in model.candidates)
+              + (f"; per-token time at {model.size_points[-1][0] // t.seq_len}x{t.seq_len}: block "
+                 f"{model.size_points[-1][1]:.2f}x, head {model.head_size_points[-1][1]:.2f}x" if model.size_points else ""))
     print(f"saved to {Path(args.out)}")
     return 0

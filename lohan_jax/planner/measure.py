@@ -141,10 +141,12 @@ def edge_times_ms(model, spec, micro_batch: int, seq_len: int, dtype, reps: int 
 
 
 def measure_model_profile(spec, micro_batch: int, seq_len: int, dtype=jnp.bfloat16, attention_impl: str | None = None,
-                          reps: int = 5, chunks: bool = True, level_step: int = 1) -> ModelProfile:
+                          reps: int = 5, chunks: bool = True, level_step: int = 1, size_factor: int = 4) -> ModelProfile:
     """The model's profile on the default device: analytic shapes, measured activations and times. The block
     backward is timed at every `level_step`-th saved-set level the search uses (prefixes of the ranked
-    candidates; 0: only the keep and recompute ends), each a compile of its own."""
+    candidates; 0: only the keep and recompute ends), each a compile of its own. The recomputed block and the
+    head are timed again at `size_factor` times the micro-batch (0: not), where memory allows, for the
+    per-token rate of larger calls."""
     from lohan_jax.models import build_model
 
     model = build_model(spec, dtype, attention_impl)
@@ -176,12 +178,24 @@ def measure_model_profile(spec, micro_batch: int, seq_len: int, dtype=jnp.bfloat
             points.setdefault(base.rec_frac(names), min(max(times[f"save:{','.join(names)}"][1], bwd_k), bwd_r))
     # the backward cannot get faster by saving less: a running max over the levels irons out timing noise
     ms = [(x, max(points[v] for v in sorted(points) if v <= x)) for x in sorted(points)]
+    size_points = head_points = ()
+    if size_factor > 1 and b == micro_batch:
+        big = b * size_factor
+        try:
+            f_big, b_big = block_times_ms(model, spec, big, seq_len, dtype, max(2, reps // 2), False)["recompute"]
+            h_big, _ = edge_times_ms(model, spec, big, seq_len, dtype, 2)
+            per = lambda ms_big, ms: ms_big / size_factor / ms
+            size_points = ((b * seq_len, 1.0), (big * seq_len, per(f_big + b_big, fwd_r + times["recompute"][1])))
+            head_points = ((b * seq_len, 1.0), (big * seq_len, per(h_big, head_ms)))
+        except Exception as e:  # noqa: BLE001 - the larger call does not fit: times stay linear in tokens
+            if not _oom(e):
+                raise
     device = jax.devices()[0].device_kind
     return dataclasses.replace(
         base, tokens_measured=b * seq_len, block_fwd_ms=(fwd_k + fwd_r) / 2, block_bwd_keep_ms=bwd_k,
         block_bwd_recompute_ms=bwd_r, block_bwd_points_ms=tuple(ms) if saves else (),
         head_ms=head_ms, embed_ms=embed_ms,
-        chunk_overhead=max(1.0, overhead),
+        chunk_overhead=max(1.0, overhead), size_points=size_points, head_size_points=head_points,
         source=f"measured on {device}, {datetime.date.today().isoformat()}, micro-batch {b}x{seq_len}")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -87,7 +88,8 @@ class ModelProfile:
     """A model's units, FLOPs and activations; optionally its measured per-block times.
 
     Per-token quantities scale with the micro-batch; measured times were taken at `tokens_measured` tokens
-    per call and are scaled linearly to other micro-batch sizes.
+    per call and are scaled to other micro-batch sizes per token, at the per-token rate `size_points` gives
+    for that many tokens per call (larger calls run the matmuls closer to peak).
     """
 
     model: str
@@ -120,6 +122,11 @@ class ModelProfile:
     head_ms: float = 0.0  # head forward + backward + loss
     embed_ms: float = 0.0  # embedding forward + backward
     chunk_overhead: float = 1.0  # time factor of a block run as chunks > 1 (measured 1.12 on the H100)
+    # (tokens per call, time per token relative to that at tokens_measured), sorted, for the blocks and the head;
+    # empty: linear in tokens. gpt3-1.3b on the H100: a block's recompute step at 32 x 1024 tokens took 0.8x
+    # the per-token time of 8 x 1024, so plans timed from 8 sequences overstated 64-sequence steps by 25%.
+    size_points: tuple[tuple[int, float], ...] = ()
+    head_size_points: tuple[tuple[int, float], ...] = ()
     source: str = "analytic"
 
     @property
@@ -151,6 +158,17 @@ class ModelProfile:
         for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
             if rec_frac <= x1:
                 return y1 if x1 <= x0 else y0 + (y1 - y0) * (rec_frac - x0) / (x1 - x0)
+        return pts[-1][1]
+
+    def per_token_factor(self, tokens: float, head: bool = False) -> float:
+        """Time per token at `tokens` per call over that at tokens_measured: log-linear between the measured
+        sizes, constant beyond them."""
+        pts = self.head_size_points if head else self.size_points
+        if not pts or tokens <= pts[0][0]:
+            return pts[0][1] if pts else 1.0
+        for (t0, f0), (t1, f1) in zip(pts, pts[1:]):
+            if tokens <= t1:
+                return f0 + (f1 - f0) * math.log(tokens / t0) / math.log(t1 / t0)
         return pts[-1][1]
 
     def save_nbytes_per_token(self, save: tuple[str, ...] | None) -> float:
@@ -224,6 +242,8 @@ def model_from_dict(d: dict[str, Any]) -> ModelProfile:
     d = dict(d)
     d["candidates"] = tuple(Candidate(**c) for c in d.get("candidates", ()))
     d["block_bwd_points_ms"] = tuple((float(x), float(ms)) for x, ms in d.get("block_bwd_points_ms", ()))
+    for key in ("size_points", "head_size_points"):
+        d[key] = tuple((int(t), float(f)) for t, f in d.get(key, ()))
     return ModelProfile(**d)
 
 

@@ -1,7 +1,8 @@
 """A workload: a model profile at a batch geometry, and the per-unit times and bytes a plan implies there.
 
-Pure arithmetic (no jax). Times come from the model's measured per-block times (scaled linearly in tokens)
-or, for a described machine, from FLOPs over the machine's achieved FLOP rates.
+Pure arithmetic (no jax). Times come from the model's measured per-block times (scaled per token, at the
+measured rate for the tokens each call runs) or, for a described machine, from FLOPs over the machine's achieved
+FLOP rates.
 """
 from __future__ import annotations
 
@@ -48,15 +49,17 @@ class Workload:
         return int(round(self.micro_tokens * self.model.save_nbytes_per_token(act.save)))
 
     # ---- GPU times of one micro-batch ------------------------------------------------------------------
-    def _scale(self) -> float:
-        return self.micro_tokens / self.model.tokens_measured
+    def _scale(self, tokens_per_call: float | None = None, head: bool = False) -> float:
+        """Measured time at tokens_measured -> this micro-batch's, run `tokens_per_call` tokens at a time."""
+        call = self.micro_tokens if tokens_per_call is None else tokens_per_call
+        return self.micro_tokens / self.model.tokens_measured * self.model.per_token_factor(call, head)
 
     def block_times_s(self, act: ActivationPolicy, machine: MachineProfile) -> tuple[float, float]:
         """(forward, backward incl. the policy's recompute) of one block."""
         m = self.model
         rec_frac = m.rec_frac(act.save)
         if m.measured:  # piecewise linear in rec_frac through the measured saved-set levels
-            s = self._scale()
+            s = self._scale(self.micro_tokens / act.chunks)
             fwd = m.block_fwd_ms * s / 1e3
             bwd = m.block_bwd_ms(rec_frac) * s / 1e3
         else:
@@ -70,7 +73,7 @@ class Workload:
     def head_s(self, machine: MachineProfile) -> float:
         m = self.model
         if m.measured and m.head_ms:
-            return m.head_ms * self._scale() / 1e3
+            return m.head_ms * self._scale(head=True) / 1e3
         return self.micro_tokens * m.head_flops_per_token / (machine.gpu_head_tflops * 1e12)
 
     def embed_s(self, machine: MachineProfile) -> tuple[float, float]:
