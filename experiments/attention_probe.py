@@ -1,11 +1,13 @@
 """Which attention does a GPT block run on this GPU, and what does each one cost?
 
-The planner's analytic profile assumes fused (flash) attention: no S x S probabilities kept. The engine measured
-more (gpt3-1.3b 155.8 KB/token kept, gpt3-2.7b 198.5, against 61.5 and 76.9 analytic), so XLA's attention ran.
-This asks, for the models' head dims: does jax.nn.dot_product_attention(implementation="cudnn") trace, compile
-and differentiate here (the error if not), how fast is its forward+backward against XLA's, and what one block
-keeps and costs under each `train.attention` (auto, cudnn, xla) through the engine's own BlockProgram.
-One JSON row per (probe, case) to --out; a short table last.
+The planner's analytic profile assumes fused (flash) attention: no S x S probabilities kept. Before 2026-11-26
+07:00 UTC the engine measured far more (gpt3-1.3b 155.8 KB/token kept, gpt3-2.7b 198.5, against 61.5 and 76.9
+analytic). This probe showed cuDNN's attention did run (head dims 64/80/128) and the excess was ours: weight
+matrices kept as residuals, fp32 copies inside the LayerNorms, erf's parts in GELU (now 61.6 and 76.9: exactly
+the analytic profile). It asks, for the models' head dims: does jax.nn.dot_product_attention(implementation=
+"cudnn") trace, compile and differentiate here (the error if not), how fast is its forward+backward against
+XLA's, and what one block keeps and costs under each `train.attention` (auto, cudnn, xla) through the engine's
+own BlockProgram. One JSON row per (probe, case) to --out; a short table last.
 
     python experiments/attention_probe.py --out $OUT/attention_probe.jsonl
 """

@@ -68,8 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--keep-turn", type=int, default=1)
     p.add_argument("--plan-file", default="", help="run this saved plan (Plan.save JSON) instead of a hand plan")
     p.add_argument("--model-profile", default="", help="a profile `lohan-jax profile` measured for this model: the "
-                   "pinned cap of a hand plan is sized from its kept-activation bytes (the analytic ones assume flash "
-                   "attention, which XLA did not use for 2.7B's head dim 80: 198.5 vs 76.9 KB/token)")
+                   "pinned cap of a hand plan is sized from its kept-activation bytes (since 2026-11-26 they equal the "
+                   "analytic ones on the H100: experiments/attention_probe.py)")
     p.add_argument("--clip-norm", type=float, default=0.0,
                    help="clip_by_global_norm threshold (> 0 defers every update to after the backward)")
     p.add_argument("--sync-updates", action="store_true",

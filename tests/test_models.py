@@ -360,6 +360,19 @@ def test_norm_and_activation_backwards_match_autodiff():
                                            err_msg=f"{name} {dtype.__name__}")
 
 
+def test_cudnn_refusal_falls_back_to_xla_and_says_so(monkeypatch):
+    """On a GPU, a shape cuDNN refuses runs XLA's attention (same result) with one warning naming the reason."""
+    from lohan_jax.models import attention
+
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")  # here cuDNN refuses: not detected
+    attention._warn_fallback_once.cache_clear()
+    q = jnp.asarray(np.random.default_rng(0).normal(size=(1, 4, 2, 8)), jnp.bfloat16)
+    with pytest.warns(UserWarning, match=r"cuDNN attention refused q of shape \(1, 4, 2, 8\)"):
+        out = attention.causal_attention(q, q, q)
+    np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                  np.asarray(attention._xla_attention(q, q, q), np.float32))
+
+
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
 def test_xla_attention_matches_jax_dot_product_attention(n_kv_heads):
     from lohan_jax.models.attention import causal_attention
