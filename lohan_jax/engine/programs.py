@@ -52,15 +52,14 @@ class BlockProgram:
         where_p = {id(v): i for i, v in enumerate(p_vars)}
         outvars = closed.jaxpr.outvars[1:]
         assert len(outvars) == len(vjp_leaves)
-        # each vjp leaf: a weight leaf (its index), the block input ("x"), a reshape of another leaf (("view",
-        # that leaf's position, shape): cuDNN attention keeps its output in head layout beside the output
-        # projection's (B, S, D) input, and XLA would return the two as separate buffers), or a residual ("r")
+        # each vjp leaf: a weight leaf (its index), the block input ("x"), a reshape of another leaf ("view",
+        # rebuilt from it: cuDNN attention keeps its output in head layout beside the output projection's
+        # (B, S, D) input, which XLA would return as a second buffer), or a residual to keep ("r")
         kinds = [where_p.get(id(v), "x" if v is x_var else "r") for v in outvars]
         self._views = _views(closed.jaxpr, outvars, kinds)
         for i, _, _ in self._views:
             kinds[i] = "view"
-        self._kinds = tuple(kinds)
-        views = self._views
+        self._kinds, views = tuple(kinds), self._views
         self.residual_avals = tuple(a for a, k in zip(vjp_leaves, self._kinds) if k == "r")
         self.residual_nbytes = _nbytes(self.residual_avals)
         kinds = self._kinds
