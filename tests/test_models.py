@@ -335,22 +335,25 @@ def test_norm_and_activation_backwards_match_autodiff():
     plain = {
         "layer_norm": (lambda x, s, b: layer_norm(x, s, b, 1e-5, x.dtype),
                        lambda x, s, b: nn.LayerNorm(1e-5, dtype=x.dtype).apply({"params": {"scale": s, "bias": b}}, x)),
-        "rms_norm": (lambda x, s, b: rms_norm(x, s, 1e-6, x.dtype) + 0 * b.astype(x.dtype)[None, None],
+        "rms_norm": (lambda x, s, b: rms_norm(x, s, 1e-6, x.dtype) + 0 * b.astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,)),
                      lambda x, s, b: nn.RMSNorm(1e-6, dtype=x.dtype).apply({"params": {"scale": s}}, x)
-                     + 0 * b.astype(x.dtype)[None, None]),
+                     + 0 * b.astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,))),
         "swiglu": (lambda x, s, b: swiglu(x, x * 0.5 + 1), lambda x, s, b: jax.nn.silu(x) * (x * 0.5 + 1)),
         **{a.value: (lambda x, s, b, a=a: pointwise(a)(x), lambda x, s, b, a=a: {
             Activation.GELU: lambda v: jax.nn.gelu(v, approximate=False),
             Activation.GELU_TANH: lambda v: jax.nn.gelu(v, approximate=True),
             Activation.RELU: jax.nn.relu, Activation.SILU: jax.nn.silu}[a](x)) for a in Activation},
     }
-    for dtype, tol in ((jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)):
-        x, g = (x32 if dtype == jnp.float32 else x32 + 0.1 * u32).astype(dtype), g32.astype(dtype)
+    cases = [(jnp.float32, 2e-5, x32, g32), (jnp.bfloat16, 3e-2, x32 + 0.1 * u32, g32),
+             (jnp.float32, 2e-5, x32.reshape(10, 16), g32.reshape(10, 16))]  # rank 2 as well
+    for dtype, tol, x, g in cases:
+        x, g = x.astype(dtype), g.astype(dtype)
         for name, (ours, theirs) in plain.items():
-            with jax.numpy_dtype_promotion("standard"):
-                y1, vjp1 = jax.vjp(ours, x, scale, bias)
+            y1, vjp1 = jax.vjp(ours, x, scale, bias)  # ours under the suite's strict promotion
+            d1 = vjp1(g)
+            with jax.numpy_dtype_promotion("standard"):  # flax's norms mix fp32 params into bf16
                 y2, vjp2 = jax.vjp(theirs, x, scale, bias)
-                d1, d2 = vjp1(g), vjp2(g)
+                d2 = vjp2(g)
             np.testing.assert_allclose(np.asarray(y1, np.float32), np.asarray(y2, np.float32), rtol=tol, atol=tol,
                                        err_msg=name)
             for a, b_ in zip(d1, d2):
@@ -364,7 +367,11 @@ def test_cudnn_refusal_falls_back_to_xla_and_says_so(monkeypatch):
     """On a GPU, a shape cuDNN refuses runs XLA's attention (same result) with one warning naming the reason."""
     from lohan_jax.models import attention
 
-    monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")  # here cuDNN refuses: not detected
+    def refuse(*a, **k):
+        raise NotImplementedError("The head dim must be <= 256 and a multiple of 8, but got 8.")
+
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attention.jax.nn, "dot_product_attention", refuse)
     attention._warn_fallback_once.cache_clear()
     q = jnp.asarray(np.random.default_rng(0).normal(size=(1, 4, 2, 8)), jnp.bfloat16)
     with pytest.warns(UserWarning, match=r"cuDNN attention refused q of shape \(1, 4, 2, 8\)"):

@@ -333,8 +333,14 @@ def test_block_and_head_times_follow_the_measured_per_token_rate_of_larger_calls
     assert mp.per_token_factor(2 * t8) == pytest.approx(0.9)  # halfway on a log scale
     assert w16.block_times_s(keep, H100_80G)[0] == pytest.approx(0.9 * 2 * lin8.block_times_s(keep, H100_80G)[0])
     assert w4.block_times_s(keep, H100_80G)[0] == pytest.approx(0.5 * lin8.block_times_s(keep, H100_80G)[0])
+    assert w32.embed_s(H100_80G) == pytest.approx(lin32.embed_s(H100_80G))  # bandwidth-bound: linear
     save_profile(tmp_path / "p.json", H100_80G, mp)
     assert load_profile(tmp_path / "p.json")[1] == mp
+    bad = json.loads((tmp_path / "p.json").read_text())
+    bad["model"]["size_points"] = [[0, 1.2], [t8, 1.0]]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="size_points must be .* tokens > 0 strictly increasing"):
+        load_profile(tmp_path / "bad.json")
 
 
 def test_old_profile_without_points_loads_with_todays_two_point_times(tmp_path):
@@ -466,6 +472,13 @@ def test_block_program_keeps_no_weights_and_no_reshaped_duplicates(monkeypatch):
     prog = BlockProgram(model, layout, ActivationPolicy.parse("keep"), jax.ShapeDtypeStruct(w.shape, w.dtype),
                         jax.ShapeDtypeStruct(x.shape, x.dtype))
     assert "view" in prog._kinds
+    # a reshape that transposes first (lax.reshape with dimensions, as jnp.concatenate of an array emits) is
+    # not a view: rebuilding it by a plain reshape would permute the data
+    from lohan_jax.engine.programs import _views
+
+    a = jnp.arange(6.0).reshape(2, 3)
+    closed = jax.make_jaxpr(lambda a: (a, jax.lax.reshape(a, (3, 2), dimensions=(1, 0)), a.reshape(3, 2)))(a)
+    assert _views(closed.jaxpr, closed.jaxpr.outvars, ["r", "r", "r"]) == [(2, 0, (3, 2))]
     assert all(a.shape[:2] == x.shape[:2] for a in prog.residual_avals)  # per-token arrays only: no weights
     analytic = model_profile_from_spec(spec, 16, itemsize=4)  # flash: + 4 B/head of statistics this one lacks
     assert prog.residual_nbytes / x.shape[0] / x.shape[1] == analytic.keep_nbytes_per_token - 4 * spec.n_heads
@@ -473,3 +486,18 @@ def test_block_program_keeps_no_weights_and_no_reshaped_duplicates(monkeypatch):
     dx, dw, _ = prog.bwd(w, x, res, dy)
     gw, gx = jax.grad(lambda w, x: jnp.sum(model.block(layout.unflatten(w), x) * dy), argnums=(0, 1))(w, x)
     assert float(jnp.abs(dx - gx).max()) < 1e-5 and float(jnp.abs(dw - gw).max()) < 1e-5
+
+
+def test_profile_reads_the_chunked_block_as_half_size_calls():
+    """With chunks timed (not --quick) and the 4x size measured, the chunked block's cost becomes the per-token
+    rate of half-size calls (a size point) and chunk_overhead stays 1: a chunked block is not charged twice."""
+    import jax.numpy as jnp
+
+    from lohan_jax.planner.measure import measure_model_profile
+
+    spec = get_spec("gpt-tiny", n_layers=2)
+    mp = measure_model_profile(spec, 2, 32, jnp.float32, reps=2, chunks=True, level_step=0)
+    assert [t for t, _ in mp.size_points] == [32, 64, 256] and mp.size_points[1][1] == 1.0
+    assert mp.chunk_overhead == 1.0 and mp.size_points[0][1] >= 1.0
+    assert Workload(mp, 2).block_times_s(ActivationPolicy(save=(), chunks=2), H100_80G)[1] == pytest.approx(
+        mp.size_points[0][1] * Workload(mp, 2).block_times_s(ActivationPolicy(save=()), H100_80G)[1])

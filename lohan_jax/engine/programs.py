@@ -93,7 +93,7 @@ def _views(jaxpr, outvars, kinds) -> list[tuple[int, int, tuple[int, ...]]]:
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "name":
             alias[id(eqn.outvars[0])] = alias.get(id(eqn.invars[0]), eqn.invars[0])
-        elif eqn.primitive.name == "reshape":
+        elif eqn.primitive.name == "reshape" and eqn.params.get("dimensions") is None:  # not a transposing one
             made_by[id(eqn.outvars[0])] = eqn.invars[0]
     root = lambda v: alias.get(id(v), v)
     first = {}

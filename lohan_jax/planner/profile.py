@@ -244,6 +244,10 @@ def model_from_dict(d: dict[str, Any]) -> ModelProfile:
     d["block_bwd_points_ms"] = tuple((float(x), float(ms)) for x, ms in d.get("block_bwd_points_ms", ()))
     for key in ("size_points", "head_size_points"):
         d[key] = tuple((int(t), float(f)) for t, f in d.get(key, ()))
+        tokens = [t for t, _ in d[key]]
+        if any(t <= 0 for t in tokens) or tokens != sorted(set(tokens)) or any(f <= 0 for _, f in d[key]):
+            raise ValueError(f"model profile: {key} must be (tokens, factor) pairs with tokens > 0 strictly "
+                             f"increasing and factors > 0, got {list(d[key])}")
     return ModelProfile(**d)
 
 

@@ -79,8 +79,8 @@ class Workload:
     def embed_s(self, machine: MachineProfile) -> tuple[float, float]:
         """(forward, backward): a gather and a scatter-add into a zeroed gradient, bound by HBM bandwidth."""
         m = self.model
-        if m.measured and m.embed_ms:
-            t = m.embed_ms * self._scale() / 1e3
+        if m.measured and m.embed_ms:  # a gather and a scatter: bandwidth-bound, linear in tokens
+            t = m.embed_ms * self.micro_tokens / m.tokens_measured / 1e3
             return t / 3, 2 * t / 3
         act = self.micro_tokens * m.d_model * m.itemsize
         bw = machine.hbm_gbps * GB
