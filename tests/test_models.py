@@ -349,11 +349,12 @@ def test_norm_and_activation_backwards_match_autodiff():
     for dtype, tol, x, g in cases:
         x, g = x.astype(dtype), g.astype(dtype)
         for name, (ours, theirs) in plain.items():
-            y1, vjp1 = jax.vjp(ours, x, scale, bias)  # ours under the suite's strict promotion
-            d1 = vjp1(g)
+            if x.ndim == 2 and "norm" not in name:
+                continue  # rank matters only where a statistic is taken over the last axis
+            both = lambda f, *a: (lambda y, vjp: (y, vjp(a[-1])))(*jax.vjp(f, *a[:-1]))
+            y1, d1 = jax.jit(lambda *a: both(ours, *a))(x, scale, bias, g)  # under the suite's strict promotion
             with jax.numpy_dtype_promotion("standard"):  # flax's norms mix fp32 params into bf16
-                y2, vjp2 = jax.vjp(theirs, x, scale, bias)
-                d2 = vjp2(g)
+                y2, d2 = jax.jit(lambda *a: both(theirs, *a))(x, scale, bias, g)
             np.testing.assert_allclose(np.asarray(y1, np.float32), np.asarray(y2, np.float32), rtol=tol, atol=tol,
                                        err_msg=name)
             for a, b_ in zip(d1, d2):
