@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 from lohan_jax.metrics import append_result  # noqa: E402
 from lohan_jax.models import build_model, get_spec  # noqa: E402
 from lohan_jax.models.attention import causal_attention  # noqa: E402
-from lohan_jax.planner.measure import activation_profile, block_times_ms  # noqa: E402
+from lohan_jax.planner.measure import activation_profile, block_times_ms, median_s  # noqa: E402
 from lohan_jax.planner.profile import model_profile_from_spec  # noqa: E402
 
 
@@ -40,16 +38,6 @@ def _error(e: BaseException) -> str:
     frames = traceback.extract_tb(e.__traceback__)
     where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
     return " ".join(f"{type(e).__name__}: {msg}".split())[:600] + where
-
-
-def _median_ms(fn, reps: int = 10) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def kernel_case(batch: int, seq: int, heads: int, head_dim: int, impl: str) -> dict:
@@ -62,8 +50,8 @@ def kernel_case(batch: int, seq: int, heads: int, head_dim: int, impl: str) -> d
         loss = lambda q, k, v: causal_attention(q, k, v, impl).astype(jnp.float32).sum()
         bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
         row["hlo_has_cudnn"] = "cudnn" in fwd.lower(q, k, v).compile().as_text().lower()
-        row["fwd_ms"] = _median_ms(lambda: fwd(q, k, v))
-        row["fwd_bwd_ms"] = _median_ms(lambda: bwd(q, k, v))
+        row["fwd_ms"] = median_s(lambda: fwd(q, k, v), 10) * 1e3
+        row["fwd_bwd_ms"] = median_s(lambda: bwd(q, k, v), 10) * 1e3
         row["status"] = "ok"
     except Exception as e:  # noqa: BLE001 - the error is the result
         row.update(status="failed", error=_error(e))

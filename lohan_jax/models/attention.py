@@ -22,7 +22,7 @@ def causal_attention(q_BSNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
         try:  # cuDNN rejects some shapes (e.g. tiny head dims) at trace time: then the XLA path below
             return jax.nn.dot_product_attention(q_BSNH, k_BSKH, v_BSKH, is_causal=True, implementation="cudnn")
         except Exception as e:  # noqa: BLE001 - said once: XLA's path keeps S x S probabilities per head
-            _warn_fallback(q_BSNH.shape, e)
+            _warn_fallback_once(tuple(q_BSNH.shape), f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
     return _xla_attention(q_BSNH, k_BSKH, v_BSKH)
 
 
@@ -30,10 +30,6 @@ def causal_attention(q_BSNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
 def _warn_fallback_once(shape: tuple, reason: str) -> None:
     warnings.warn(f"cuDNN attention refused q of shape {shape} ({reason}); using XLA's attention, which keeps the "
                   "attention probabilities for the backward (set train.attention=xla to silence this)", stacklevel=3)
-
-
-def _warn_fallback(shape, e: Exception) -> None:
-    _warn_fallback_once(tuple(shape), f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
 
 
 def _xla_attention(q_BSNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array) -> jax.Array:

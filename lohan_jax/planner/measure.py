@@ -34,7 +34,8 @@ from lohan_jax.planner.profile import (
 from lohan_jax.tiers import MemorySpaces
 
 
-def _median_s(fn: Callable[[], Any], reps: int) -> float:
+def median_s(fn: Callable[[], Any], reps: int) -> float:
+    """Median seconds of `reps` calls of fn, each waited for, after one untimed call (the compile)."""
     jax.block_until_ready(fn())  # compile
     times = []
     for _ in range(reps):
@@ -135,8 +136,8 @@ def edge_times_ms(model, spec, micro_batch: int, seq_len: int, dtype, reps: int 
     wts = jnp.full((micro_batch, seq_len), 1.0 / tok.size, jnp.float32)
     x = jax.random.normal(jax.random.key(1), (micro_batch, seq_len, spec.d_model), dtype)
     w_tied = we if edges.tied else jnp.zeros((1,), dtype)
-    head = _median_s(lambda: edges.head_fwd_bwd(wh, w_tied, x + 0, tok, wts)[0], reps)
-    embed = _median_s(lambda: edges.embed_bwd(we, tok, edges.embed_fwd(we, tok) + 0)[0], reps)
+    head = median_s(lambda: edges.head_fwd_bwd(wh, w_tied, x + 0, tok, wts)[0], reps)
+    embed = median_s(lambda: edges.embed_bwd(we, tok, edges.embed_fwd(we, tok) + 0)[0], reps)
     return head * 1e3, embed * 1e3
 
 
@@ -209,16 +210,16 @@ def measure_pcie_gbps(nbytes: int = 256 << 20, reps: int = 3) -> tuple[float, fl
     host = spaces.to_host(np.ones(nbytes, np.uint8))
     dev = spaces.to_hbm(np.ones(nbytes, np.uint8))
     jax.block_until_ready((host, dev))
-    h2d = _median_s(lambda: spaces.to_hbm(host), reps)
-    d2h = _median_s(lambda: spaces.to_host(dev), reps)
-    both = _median_s(lambda: (spaces.to_hbm(host), spaces.to_host(dev)), reps)
+    h2d = median_s(lambda: spaces.to_hbm(host), reps)
+    d2h = median_s(lambda: spaces.to_host(dev), reps)
+    both = median_s(lambda: (spaces.to_hbm(host), spaces.to_host(dev)), reps)
     return nbytes / h2d / 1e9, nbytes / d2h / 1e9, 2 * nbytes / both / 1e9
 
 
 def measure_matmul_tflops(n: int = 4096, dtype=jnp.bfloat16, reps: int = 5) -> float:
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     f = jax.jit(lambda a: a @ a)
-    return 2 * n**3 / _median_s(lambda: f(a), reps) / 1e12
+    return 2 * n**3 / median_s(lambda: f(a), reps) / 1e12
 
 
 def measure_gpu_adam_gparams_per_s(n_params: int = 64 << 20, reps: int = 5) -> float:
@@ -233,7 +234,7 @@ def measure_gpu_adam_gparams_per_s(n_params: int = 64 << 20, reps: int = 5) -> f
 
     state = [jnp.zeros((n_params,), jnp.float32) for _ in range(3)]
     g = jnp.ones((n_params,), jnp.bfloat16)
-    return n_params / _median_s(lambda: step(*state, g), reps) / 1e9
+    return n_params / median_s(lambda: step(*state, g), reps) / 1e9
 
 
 def free_hbm_gib(device=None) -> float:

@@ -258,13 +258,13 @@ def measure_interconnect(n_gpus: int = 0, nbytes: int = 256 << 20, reps: int = 5
     jitted shard_map collectives of an fp32 vector of `nbytes`; and the host<->GPU rate all devices reach at
     once from pinned memory (each its own shard), which shows whether their PCIe links are shared."""
     import datetime
-    import time
 
     import jax
     import numpy as np
     from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
 
+    from lohan_jax.planner.measure import median_s
     from lohan_jax.tiers import MeshSpaces
 
     devices = jax.local_devices()[:n_gpus] if n_gpus else jax.local_devices()
@@ -273,14 +273,7 @@ def measure_interconnect(n_gpus: int = 0, nbytes: int = 256 << 20, reps: int = 5
     spaces = MeshSpaces(mesh)
     elems = max(n, nbytes // 4 // n * n)
 
-    def timed(fn) -> float:
-        jax.block_until_ready(fn())
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
+    timed = lambda fn: median_s(fn, reps)
 
     smap = lambda f, out: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("x"), out_specs=out, check_vma=False))
     gather = smap(lambda s: jax.lax.all_gather(s, "x", tiled=True), P())
